@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random Hugging Face models of each supported family, saved to disk."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Small enough for milliseconds on CPU, large enough to exercise GQA (4 query heads per KV
+# head), an explicit head_dim different from hidden/heads, and several layers.
+BASE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+)
+FAMILIES = {
+    "llama": dict(attention_bias=False),
+    "llama-bias-untied": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=16, tie_word_embeddings=False),
+    "mistral": dict(sliding_window=None, head_dim=16),
+}
+
+
+def hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
+    model_type = family.split("-")[0]
+    fields = {**BASE, **FAMILIES.get(family, {}), **overrides}
+    return cls[model_type](**fields)
+
+
+def make_hf_model(config, seed: int = 0, std: float = 0.15):
+    """A transformers causal LM with every parameter random (norm weights near 1).
+
+    Large random weights (std 0.15 instead of HF's 0.02) give logits of order 1, so a
+    wrong RoPE, norm or bias shows up far above the 1e-5 parity bound.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    return model
+
+
+@pytest.fixture
+def save_hf(tmp_path):
+    """save_hf(family, **config overrides) -> (hf_model, folder)."""
+    counter = iter(range(1000))
+
+    def _save(family: str, seed: int = 0, **overrides):
+        model = make_hf_model(hf_config(family, **overrides), seed=seed)
+        folder = tmp_path / f"{family}-{next(counter)}"
+        model.save_pretrained(folder)
+        return model, folder
+
+    return _save
