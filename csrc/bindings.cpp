@@ -3,15 +3,16 @@
 #include <pybind11/stl.h>
 
 #include "page_allocator.h"
+#include "radix_tree.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Host-side C++ for the engine: KV page allocator (radix tree joins later).";
+  m.doc() = "Host-side C++ for the engine: KV page allocator and radix prefix tree.";
 
   py::register_exception<engine::OutOfPages>(m, "OutOfPages", PyExc_RuntimeError);
 
-  py::class_<engine::PageAllocator>(m, "PageAllocator")
+  py::class_<engine::PageAllocator, std::shared_ptr<engine::PageAllocator>>(m, "PageAllocator")
       .def(py::init<int64_t, int64_t>(), py::arg("num_pages"), py::arg("page_size"))
       .def("allocate", &engine::PageAllocator::allocate, py::arg("n"),
            "Take n free pages (ref count 1 each); raises OutOfPages if fewer are free.")
@@ -32,4 +33,36 @@ PYBIND11_MODULE(_C, m) {
                ", page_size=" + std::to_string(a.page_size()) +
                ", num_free=" + std::to_string(a.num_free()) + ")";
       });
+
+  py::class_<engine::RadixTree>(m, "RadixTree")
+      .def(py::init<std::shared_ptr<engine::PageAllocator>>(), py::arg("allocator"))
+      .def("match_prefix",
+           [](engine::RadixTree& t, const std::vector<int32_t>& tokens, int64_t max_len) {
+             auto r = t.match_prefix(tokens, max_len);
+             return py::make_tuple(r.node, r.length, r.slots);
+           },
+           py::arg("tokens"), py::arg("max_len") = -1,
+           "(node, matched_length, slots) of the longest cached prefix of tokens[:max_len].")
+      .def("insert",
+           [](engine::RadixTree& t, const std::vector<int32_t>& tokens, const std::vector<int64_t>& slots,
+              int64_t version) {
+             auto r = t.insert(tokens, slots, version);
+             return py::make_tuple(r.node, r.adopted);
+           },
+           py::arg("tokens"), py::arg("slots"), py::arg("version"),
+           "Adopt KV for tokens; returns (node, adopted_tokens); node -1 if version is stale.")
+      .def("lock", &engine::RadixTree::lock, py::arg("node"))
+      .def("unlock", &engine::RadixTree::unlock, py::arg("node"))
+      .def("evict", &engine::RadixTree::evict, py::arg("target_free_pages"),
+           "Evict LRU unlocked leaves until that many pages are free; returns evicted tokens.")
+      .def("reset", &engine::RadixTree::reset, "Drop everything and bump the weights version.")
+      .def_property_readonly("version", &engine::RadixTree::version)
+      .def_property_readonly("num_nodes", &engine::RadixTree::num_nodes)
+      .def_property_readonly("cached_tokens", &engine::RadixTree::cached_tokens)
+      .def_property_readonly("evictable_tokens", &engine::RadixTree::evictable_tokens)
+      .def_property_readonly("evictable_pages", &engine::RadixTree::evictable_pages)
+      .def("page_refs", &engine::RadixTree::page_refs)
+      .def("lock_ref", &engine::RadixTree::lock_ref, py::arg("node"))
+      .def("tokens_of", &engine::RadixTree::tokens_of, py::arg("node"))
+      .def("check_invariants", &engine::RadixTree::check_invariants);
 }

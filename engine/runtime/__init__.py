@@ -1,0 +1,5 @@
+"""The sampler: Engine, SamplingParams, Completion (paged KV, radix prefix cache, KV-level forks)."""
+from engine.runtime.engine import Engine
+from engine.runtime.params import Completion, EngineStats, SamplingParams
+
+__all__ = ["Completion", "Engine", "EngineStats", "SamplingParams"]

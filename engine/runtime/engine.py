@@ -1,0 +1,264 @@
+"""`Engine`: the branching sampler over the live parameters of a `Transformer`.
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(["12+7="], SamplingParams(n=8, temperature=0.6, max_new_tokens=64))
+
+The engine holds a reference to the model, not a copy: the trainer's optimizer updates the
+very parameters it samples with. KV lives in a paged pool; every prompt is matched against
+a radix tree of cached prefixes and only its unmatched suffix is computed; the n samples of
+a prompt share its KV (one prefill, then a fork); finished sequences stay cached, so
+continuing a prompt + partial completion costs at most one page of prefill.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence as Seq
+
+import torch
+from tqdm import tqdm
+
+from engine.cache import PageAllocator, RadixTree
+from engine.model.transformer import Transformer
+from engine.runtime.paged_attention import KVPool, PagedBatch, TorchPagedAttention
+from engine.runtime.params import Completion, EngineStats, SamplingParams
+from engine.runtime.sampler import sample
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.sequence import Sequence, Status
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CPU_DEFAULT_KV_TOKENS = 1 << 16
+CPU_MAX_KV_BYTES = 1 << 30
+
+
+class Engine:
+    """Generates from a `Transformer` with a paged, prefix-shared KV cache.
+
+    kv_cache_tokens sizes the KV pool in tokens; without it the pool takes
+    kv_memory_fraction of the free GPU memory, or on CPU min(65,536 tokens, 1 GiB).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        *,
+        page_size: int = 16,
+        max_num_seqs: int = 256,
+        max_batch_tokens: int = 8192,
+        kv_cache_tokens: int | None = None,
+        kv_memory_fraction: float = 0.9,
+        attention_backend: str = "auto",
+        prefix_cache: bool = True,
+    ):
+        for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
+                            ("max_batch_tokens", max_batch_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0 < kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {kv_memory_fraction}")
+        backend = os.environ.get("ENGINE_ATTENTION_BACKEND", attention_backend)
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            raise NotImplementedError("the Triton attention backend is not built yet; use 'torch' or 'auto'")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = cfg = model.config
+        weight = model.lm_head_weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.page_size = page_size
+        bytes_per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        if kv_cache_tokens is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_tokens = int(free * kv_memory_fraction) // bytes_per_token
+            else:
+                kv_cache_tokens = min(CPU_DEFAULT_KV_TOKENS, CPU_MAX_KV_BYTES // bytes_per_token)
+        num_pages = kv_cache_tokens // page_size
+        if num_pages < 2:
+            raise ValueError(
+                f"KV pool of {kv_cache_tokens} tokens holds {num_pages} page(s) of {page_size}; at least 2 are needed"
+            )
+        self.pool = KVPool(cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim,
+                           self.dtype, self.device)
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.tree = RadixTree(self.allocator)
+        self.stats = EngineStats()
+        self.scheduler = Scheduler(self.allocator, self.tree, self.pool, self.stats, max_num_seqs=max_num_seqs,
+                                   max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._weights_version = self._param_versions()
+        self._next_seq_id = 0
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.allocator.num_pages * self.page_size
+
+    def invalidate_cache(self) -> None:
+        """Forget all cached KV: call after the weights change (generate also notices in-place updates)."""
+        self.tree.reset()
+        self._weights_version = self._param_versions()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        progress: bool = False,
+    ) -> list[list[Completion]]:
+        """Sample params.n completions for each prompt; one list per prompt, in order.
+
+        prompts: token-id lists, or strings when the engine has a tokenizer.
+        params: one SamplingParams for all prompts, or one per prompt.
+        """
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of prompts (wrap a single prompt in a list)")
+        params_list = [params or SamplingParams()] * len(prompts) if not isinstance(params, (list, tuple)) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        token_prompts = [self._validate(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        if self._param_versions() != self._weights_version:
+            self.invalidate_cache()  # weights were updated in place since the cache was filled
+        groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]
+        for leader in groups:
+            self.scheduler.add(leader[0])
+        bar = tqdm(total=sum(len(g) for g in groups), desc="generate", disable=not progress)
+        while self.scheduler.has_work:
+            bar.update(self._step())
+        bar.close()
+        return [[self._completion(s) for s in group] for group in groups]
+
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> int:
+        """One forward over the scheduled work; returns how many sequences finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("scheduler made no progress (KV pool or limits too small for any sequence)")
+        meta = PagedBatch.build([(s.page_table, a, b) for s, a, b in batch], self.page_size, self.device)
+        ids = torch.tensor([t for s, a, b in batch for t in s.tokens[a:b]], device=self.device)
+        ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows)
+        hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
+        self.stats.forward_steps += 1
+
+        to_sample: list[tuple[Sequence, int]] = []  # (sequence, row of `hidden`)
+        offset = 0
+        for seq, start, end in batch:
+            prefill = min(end, seq.admitted_len) - start
+            self.stats.prefill_tokens += max(prefill, 0)
+            self.stats.decode_tokens += (end - start) - max(prefill, 0)
+            seq.num_computed = end
+            offset += end - start
+            if end == len(seq.tokens):
+                to_sample.append((seq, offset - 1))
+                if seq.siblings:  # prefill done: cache the prompt and fork the siblings off it
+                    self.scheduler.cache(seq)
+                    to_sample += [(sib, offset - 1) for sib in self.scheduler.fork(seq)]
+            elif start < seq.admitted_len:
+                self.scheduler.cache(seq)  # a finished prefill chunk becomes matchable at once
+        if not to_sample:
+            return 0  # only prefill chunks this step
+        rows = torch.tensor([r for _, r in to_sample], dtype=torch.long, device=self.device)
+        logits = hidden[rows] @ self.model.lm_head_weight.T
+        tokens, logprobs = sample(logits, [s.params for s, _ in to_sample], [s.generator for s, _ in to_sample])
+        finished = 0
+        for (seq, _), token, lp in zip(to_sample, tokens, logprobs):
+            seq.tokens.append(token)
+            if seq.params.logprobs:
+                seq.logprobs.append(lp)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished += 1
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            tail = self.tokenizer.decode(seq.generated[-(longest + 8):], skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
+                return "stop"
+        if seq.num_generated >= p.max_new_tokens or len(seq.tokens) >= self.config.max_position_embeddings:
+            return "length"
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _validate(self, index: int, prompt, params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params for prompt {index} must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: pass one to Engine(model, tokenizer)")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt {index} has token id {bad}, outside the vocabulary [0, {vocab})")
+        limit = self.config.max_position_embeddings
+        if len(ids) >= limit:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; the model's context is {limit}, which leaves no room "
+                f"to generate (prompts are never truncated)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+        longest = min(len(ids) + params.max_new_tokens, limit)
+        pages = self.allocator.pages_for_tokens(longest) + 1  # + one page for a partial-page copy
+        if pages > self.allocator.num_pages:
+            raise ValueError(
+                f"the KV pool ({self.kv_cache_tokens} tokens, {self.allocator.num_pages} pages of {self.page_size}) "
+                f"cannot hold one sequence of prompt {index}: {longest} tokens need {pages} pages"
+            )
+        return ids
+
+    def _make_group(self, request: int, ids: list[int], params: SamplingParams) -> list[Sequence]:
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(_mix_seed(params.seed, i))
+            seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, gen))
+            self._next_seq_id += 1
+        seqs[0].siblings = seqs[1:]
+        return seqs
+
+    def _completion(self, seq: Sequence) -> Completion:
+        assert seq.status is Status.FINISHED
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            if seq.finish_reason == "stop" and seq.params.stop:
+                cut = [text.find(s) for s in seq.params.stop if s in text]
+                if cut:
+                    text = text[:min(cut)]
+        return Completion(
+            token_ids=seq.generated, finish_reason=seq.finish_reason, text=text,
+            logprobs=list(seq.logprobs) if seq.params.logprobs else None, cached_tokens=seq.cached_tokens,
+        )
+
+    def _param_versions(self) -> int:
+        """Sum of the parameters' in-place version counters: changes when an optimizer steps."""
+        return sum(p._version for p in self.model.parameters())
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    """A distinct, well-spread generator seed for sample `index` of a request seeded `seed`."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+def _eos_ids(model: Transformer, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = model.config.extra.get("eos_token_id")
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,96 @@
+"""What a caller asks for (`SamplingParams`) and what it gets back (`Completion`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample the completions of one prompt.
+
+    n: completions per prompt; they share the prompt's KV (one prefill, then a KV fork).
+    temperature: 0 means greedy. top_p in (0, 1]; top_k 0 means no top-k cut.
+    max_new_tokens: generation stops with finish_reason "length" after this many tokens
+        (or earlier, at the model's context length).
+    stop_token_ids / stop: extra stop tokens and stop strings (strings need a tokenizer);
+        the EOS token stops too unless ignore_eos.
+    seed: per-request seed; the i-th sample draws from its own generator seeded by
+        (seed, i), so its tokens do not depend on what else is batched.
+    logprobs: return the log-probability of each sampled token under the
+        temperature-scaled distribution (before top-k / top-p), which is what a PPO
+        trainer recomputes with logits / temperature.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples (the dataclass is frozen and hashable).
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    """One sampled continuation.
+
+    token_ids: the generated tokens, including the stop token or the token that completed
+        a stop string. text: their decoding (special tokens skipped, cut before a stop
+        string), or None without a tokenizer. cached_tokens: prompt tokens whose KV was
+        served from the prefix cache instead of being computed.
+    """
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    text: str | None = None
+    logprobs: list[float] | None = None
+    cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Counters since the Engine was built (or since `reset`)."""
+
+    prefill_tokens: int = 0   # prompt (or re-admitted) tokens whose KV was computed
+    cached_tokens: int = 0    # tokens whose KV was served from the prefix cache
+    decode_tokens: int = 0    # generated tokens fed back through the model one at a time
+    forked_sequences: int = 0  # sequences created by a KV fork (no prefill of their own)
+    copied_tokens: int = 0    # KV copied to split a shared page (partial-page forks)
+    preemptions: int = 0      # sequences evicted from the batch for lack of KV and recomputed
+    evicted_tokens: int = 0   # cached tokens dropped from the prefix tree to free KV
+    forward_steps: int = 0    # model forward calls
+
+    def reset(self) -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -1,0 +1,60 @@
+"""A sequence being generated: its tokens, its KV pages and where it stands."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.runtime.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # queued; owns no KV pages
+    RUNNING = "running"      # owns KV pages; computing its pending tokens
+    FORK_PENDING = "fork"    # a sibling waiting for its leader's prefill to fork from
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion of one prompt.
+
+    Invariants while RUNNING: tokens[:num_computed] have their KV in the pool at the slots
+    given by page_table (position p -> page_table[p // page_size], offset p % page_size);
+    the sequence holds one allocator reference to each page of page_table; and
+    lock_node (0 = root, nothing locked) is a radix node it keeps locked.
+    """
+
+    seq_id: int
+    request: int                  # index of the prompt in the generate() call
+    sample: int                   # which of the n samples of that prompt
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    status: Status = Status.WAITING
+    page_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    admitted_len: int = 0         # len(tokens) when last admitted: positions below are prefill
+    admitted_at: int = 0          # admission order; the newest is preempted first
+    version: int = 0              # weights version its KV is computed under
+    lock_node: int = 0
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    siblings: list["Sequence"] = field(default_factory=list)  # fork-pending, leader only
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text_at: int | None = None  # where a matched stop string starts in the text
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV still has to be computed before the next token can be sampled."""
+        return len(self.tokens) - self.num_computed
