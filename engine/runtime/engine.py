@@ -129,6 +129,7 @@ class Engine:
         return [[self._completion(s) for s in group] for group in groups]
 
     # ------------------------------------------------------------------ one step
+    @torch.no_grad()
     def _step(self) -> int:
         """One forward over the scheduled work; returns how many sequences finished."""
         batch = self.scheduler.schedule()

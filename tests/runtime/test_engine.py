@@ -252,3 +252,17 @@ def test_engine_samples_with_the_models_own_parameters(tiny):
     engine = Engine(model, tok)
     assert engine.model is model
     assert engine.model.lm_head_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_siblings_of_a_fork_run_next_to_each_other(tiny):
+    """The shared-prefix decode kernel relies on a fork's siblings being adjacent in the batch."""
+    model, tok = tiny
+    engine = Engine(model, tok, page_size=4)
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=5, ignore_eos=True)
+    for i, text in enumerate(["1+1=", "22+2=", "3+33="]):
+        engine.scheduler.add(engine._make_group(i, tok.encode(text), params)[0])
+    engine._step()  # prefills the three prompts and forks each into three
+    assert [s.request for s in engine.scheduler.running] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    batch = engine.scheduler.schedule()
+    assert [s.request for s, _, _ in batch] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(end - start == 1 for _, start, end in batch)
