@@ -21,6 +21,7 @@ from engine.model.config import ConfigError, ModelConfig, dtype_from_str
 from engine.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -54,13 +55,18 @@ def load_model(
     cfg = _read_config(folder)
     target_dtype = _resolve_dtype(dtype, cfg)
     files = _weight_files(folder)
-    # Each tensor is cast and moved as it is read, so peak host memory stays near one copy.
-    tensors = _read_tensors(files, folder, lambda t: t.to(device=device, dtype=target_dtype))
     with torch.device("meta"):
         model = Transformer(cfg, attn_impl=attn_impl)
+    # Each tensor is cast and moved as it is read, so peak host memory stays near one copy;
+    # tensors the model recomputes or ties are dropped unread.
+    skip = lambda name: bool(IGNORED_TENSORS.match(name)) or (  # noqa: E731
+        name == "lm_head.weight" and cfg.tie_word_embeddings)
+    tensors = _read_tensors(files, folder, skip)
+    tensors = {name: (t.to(device=device, dtype=target_dtype), path) for name, (t, path) in tensors.items()}
     model.load_state_dict(_match_state_dict(model, tensors, folder), strict=True, assign=True)
     model.reset_rope()
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
+    model.config.generation = _read_json(folder / GENERATION_CONFIG_NAME) if (folder / GENERATION_CONFIG_NAME).exists() else {}
     model.eval()
     return model, load_tokenizer(folder)
 
@@ -112,21 +118,28 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if model.config.generation:
+        (folder / GENERATION_CONFIG_NAME).write_text(json.dumps(model.config.generation, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 
 
 # ------------------------------------------------------------------ helpers
-def _read_config(folder: Path) -> ModelConfig:
-    path = folder / CONFIG_NAME
-    if not path.exists():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+def _read_json(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
+    return raw
+
+
+def _read_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    raw = _read_json(path)
     try:
         return ModelConfig.from_hf_dict(raw)
     except ConfigError as err:
@@ -172,9 +185,9 @@ def _weight_files(folder: Path) -> dict[str, list[str] | None]:
 
 
 def _read_tensors(
-    files: dict[str, list[str] | None], folder: Path, convert: Callable[[torch.Tensor], torch.Tensor]
+    files: dict[str, list[str] | None], folder: Path, skip: Callable[[str], bool]
 ) -> dict[str, tuple[torch.Tensor, Path]]:
-    """All tensors by name (passed through `convert`), each with the file it came from."""
+    """All tensors by name (but those `skip` names), each with the file it came from."""
     out: dict[str, tuple[torch.Tensor, Path]] = {}
     for fname, names in files.items():
         path = folder / fname
@@ -184,7 +197,8 @@ def _read_tensors(
                 for name in names if names is not None else sorted(keys):
                     if name not in keys:
                         raise CheckpointError(f"tensor {name!r} is listed for {path} but not stored in it")
-                    out[name] = (convert(f.get_tensor(name)), path)
+                    if not skip(name):
+                        out[name] = (f.get_tensor(name), path)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"corrupt or unreadable safetensors file {path}: {err}") from err
     return out
@@ -202,8 +216,6 @@ def _match_state_dict(model: Transformer, tensors: dict[str, tuple[torch.Tensor,
     state = {}
     for name, (tensor, path) in tensors.items():
         if name not in expected:
-            if IGNORED_TENSORS.match(name) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
-                continue  # recomputed buffer, or an explicit copy of tied embeddings
             raise CheckpointError(
                 f"{path} holds tensor {name!r}, which a {model.config.model_type} model with this config does not have"
             )

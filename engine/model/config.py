@@ -52,6 +52,8 @@ class ModelConfig:
     sliding_windows: list[int | None] = field(default_factory=list)
     torch_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # generation_config.json when the checkpoint has one (EOS lists live there); not config.json.
+    generation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sliding_windows:
@@ -195,8 +197,9 @@ def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
     params["rope_type"] = params.get("rope_type") or rope_type or "default"
     theta = params.get("rope_theta", d.get("rope_theta"))
     params["rope_theta"] = float(theta if theta is not None else 10000.0)
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise ConfigError(f"partial_rotary_factor {partial} is not supported")
     if params["rope_type"] in ("llama3", "yarn"):
         params.setdefault(
             "original_max_position_embeddings",
@@ -210,8 +213,11 @@ def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sliding_windows(d: dict[str, Any], model_type: str, n_layers: int) -> list[int | None]:
-    """Per-layer attention window, following each family's transformers semantics."""
-    window = d.get("sliding_window")
+    """Per-layer attention window, following each family's transformers semantics.
+
+    A missing `sliding_window` key means transformers' default of 4096 for these families.
+    """
+    window = d.get("sliding_window", 4096)
     if model_type == "mistral":
         return [window] * n_layers
     if model_type in ("qwen2", "qwen3"):

@@ -199,8 +199,12 @@ class Transformer(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
-        packed = cu_seqlens is not None or (position_ids is not None and b == 1 and attention_mask is None
-                                            and bool((position_ids.reshape(-1)[1:] == 0).any()))
+        restarts = position_ids is not None and attention_mask is None and t > 1 and bool(
+            (position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
+        if restarts and b > 1:
+            raise ValueError("position_ids restart inside a row of a [B > 1, T] batch: pack sequences into "
+                             "input_ids [1, T], or pass an attention_mask for a padded batch")
+        packed = cu_seqlens is not None or restarts
         if packed:
             if b != 1 or attention_mask is not None:
                 raise ValueError("packed sequences take input_ids [1, T] and no attention_mask")

@@ -86,7 +86,7 @@ class Engine:
         self.scheduler = Scheduler(self.allocator, self.tree, self.pool, self.stats, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache)
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        self._weights_version = self._param_versions()
+        self._weights_version = self._weights_fingerprint()
         self._next_seq_id = 0
 
     # ------------------------------------------------------------------ public API
@@ -95,9 +95,15 @@ class Engine:
         return self.allocator.num_pages * self.page_size
 
     def invalidate_cache(self) -> None:
-        """Forget all cached KV: call after the weights change (generate also notices in-place updates)."""
+        """Forget all cached KV. Call it after every weight update.
+
+        generate() also compares a fingerprint of the parameters (autograd version counters
+        plus one element of each tensor) with the one taken when the cache was filled, as a
+        safety net; updates that bypass both (for example writing through `.data` into
+        elements it does not sample) are only caught by this call.
+        """
         self.tree.reset()
-        self._weights_version = self._param_versions()
+        self._weights_version = self._weights_fingerprint()
 
     @torch.no_grad()
     def generate(
@@ -117,15 +123,19 @@ class Engine:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
         token_prompts = [self._validate(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
-        if self._param_versions() != self._weights_version:
+        version, firsts = self._weights_fingerprint()
+        if version != self._weights_version[0] or not torch.equal(firsts, self._weights_version[1]):
             self.invalidate_cache()  # weights were updated in place since the cache was filled
         groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]
         for leader in groups:
             self.scheduler.add(leader[0])
         bar = tqdm(total=sum(len(g) for g in groups), desc="generate", disable=not progress)
-        while self.scheduler.has_work:
-            bar.update(self._step())
-        bar.close()
+        try:
+            while self.scheduler.has_work:
+                bar.update(self._step())
+        finally:
+            bar.close()
+            self.scheduler.abort_all()  # no-op after a clean finish; frees everything if interrupted
         return [[self._completion(s) for s in group] for group in groups]
 
     # ------------------------------------------------------------------ one step
@@ -246,9 +256,15 @@ class Engine:
             logprobs=list(seq.logprobs) if seq.params.logprobs else None, cached_tokens=seq.cached_tokens,
         )
 
-    def _param_versions(self) -> int:
-        """Sum of the parameters' in-place version counters: changes when an optimizer steps."""
-        return sum(p._version for p in self.model.parameters())
+    def _weights_fingerprint(self) -> tuple[int, torch.Tensor]:
+        """(sum of in-place version counters, first element of every parameter).
+
+        Optimizers that step in place bump the version counters; fused optimizers and
+        `.data` writes do not, but they change the elements, which the second part sees.
+        """
+        params = list(self.model.parameters())
+        firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in params]).cpu()
+        return sum(p._version for p in params), firsts
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -257,9 +273,10 @@ def _mix_seed(seed: int, index: int) -> int:
 
 
 def _eos_ids(model: Transformer, tokenizer) -> frozenset[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, all together."""
     ids: set[int] = set()
-    eos = model.config.extra.get("eos_token_id")
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for eos in (model.config.extra.get("eos_token_id"), model.config.generation.get("eos_token_id")):
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

@@ -43,19 +43,24 @@ def sample(
 
 
 def _filtered_probs(logprobs: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
-    """Probabilities after each row's top-k and top-p cut (rows renormalised)."""
-    top_k = torch.tensor([p.top_k for p in params], device=logprobs.device)
-    top_p = torch.tensor([p.top_p for p in params], device=logprobs.device)
-    if bool((top_k == 0).all()) and bool((top_p == 1).all()):
-        return logprobs.exp()
-    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
+    """Probabilities after each row's top-k cut, then top-p cut (as transformers and vLLM order them).
+
+    Rows without a cut get exp(logprobs) untouched, whatever the other rows ask for.
+    """
+    probs = logprobs.exp()
+    cut = [r for r, p in enumerate(params) if p.top_k or p.top_p < 1]
+    if not cut:
+        return probs
+    rows = torch.tensor(cut, device=logprobs.device)
+    top_k = torch.tensor([params[r].top_k or logprobs.shape[-1] for r in cut], device=logprobs.device)
+    top_p = torch.tensor([params[r].top_p for r in cut], device=logprobs.device)
+    sorted_p, order = probs[rows].sort(dim=-1, descending=True)
     rank = torch.arange(logprobs.shape[-1], device=logprobs.device)[None, :]
-    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
-    probs_sorted = sorted_lp.exp()
+    sorted_p = torch.where(rank < top_k[:, None], sorted_p, 0.0)
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
     # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose
     # mass reaches top_p survives, and the most likely token always does.
-    mass_before = probs_sorted.cumsum(-1) - probs_sorted
-    keep &= mass_before < top_p[:, None]
-    probs_sorted = torch.where(keep, probs_sorted, 0.0)
-    probs = torch.zeros_like(probs_sorted).scatter_(1, order, probs_sorted)
-    return probs / probs.sum(-1, keepdim=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = torch.where(mass_before < top_p[:, None], sorted_p, 0.0)
+    probs[rows] = torch.zeros_like(sorted_p).scatter_(1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
+    return probs

@@ -11,6 +11,12 @@ and they rejoin the front of the queue, to be recomputed, or re-matched, later.
 Page ownership (the invariant the tests check): the allocator's reference count of every
 page equals the number of radix nodes whose slots touch it plus the number of running
 sequences whose page table holds it; a page is free exactly when that count is 0.
+
+Locks: a matched radix node is locked only while its sequence is being admitted (from the
+match until its KV has been shared or copied), so eviction cannot free a page it is about
+to read. A running sequence holds references to its own pages instead of a lock: a lock
+kept longer would pin the tree's copies of pages the sequence does not use, and a lone
+sequence could then fail to fit the pool (an admit/preempt cycle that never ends).
 """
 from __future__ import annotations
 
@@ -138,10 +144,12 @@ class Scheduler:
                 self.stats.copied_tokens += len(entry)
                 table.append(page)
         table += list(fresh)
-        if seq.num_generated == 0:
+        if node:
+            self.tree.unlock(node)  # the sequence now owns (references or copies) all it reads
+        if seq.admitted_at == 0:  # first admission: these prompt tokens came from the cache
             seq.cached_tokens = matched
         self.stats.cached_tokens += matched
-        seq.page_table, seq.num_computed, seq.lock_node = table, matched, node
+        seq.page_table, seq.num_computed = table, matched
         seq.status, seq.admitted_len, seq.version = Status.RUNNING, len(seq.tokens), self.tree.version
         self._admissions += 1
         seq.admitted_at = self._admissions
@@ -192,9 +200,7 @@ class Scheduler:
                                      torch.arange(page * self.page_size, page * self.page_size + partial, device=dev))
                 self.stats.copied_tokens += partial
                 table = table + [page]
-            if leader.lock_node:
-                self.tree.lock(leader.lock_node)
-            sib.page_table, sib.num_computed, sib.lock_node = table, leader.num_computed, leader.lock_node
+            sib.page_table, sib.num_computed = table, leader.num_computed
             sib.cached_tokens, sib.version = leader.cached_tokens, leader.version
             sib.status, sib.admitted_len, sib.admitted_at = Status.RUNNING, len(sib.tokens), leader.admitted_at
             forked.append(sib)
@@ -206,30 +212,30 @@ class Scheduler:
 
     # ------------------------------------------------------------------ cache, finish, preempt
     def cache(self, seq: Sequence) -> None:
-        """Insert seq's computed KV into the prefix tree and move its lock to the new node."""
+        """Insert seq's computed KV into the prefix tree (the tree keeps slots it already has)."""
         if not self.prefix_cache or seq.num_computed == 0:
             return
         n = seq.num_computed
-        slots = self.allocator.slot_mapping(seq.page_table, 0, n)
-        node, _ = self.tree.insert(seq.tokens[:n], slots, seq.version)
-        if node > 0 and node != seq.lock_node:
-            self.tree.lock(node)
-            if seq.lock_node:
-                self.tree.unlock(seq.lock_node)
-            seq.lock_node = node
+        self.tree.insert(seq.tokens[:n], self.allocator.slot_mapping(seq.page_table, 0, n), seq.version)
 
     def _release(self, seq: Sequence) -> None:
         self.cache(seq)
         self.allocator.release(seq.page_table)
-        if seq.lock_node:
-            self.tree.unlock(seq.lock_node)
-        seq.page_table, seq.lock_node, seq.num_computed = [], 0, 0
+        seq.page_table, seq.num_computed = [], 0
         self.running.remove(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """seq is done: its KV stays in the prefix tree (evictable), its pages are released."""
         self._release(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def abort_all(self) -> None:
+        """Drop every unfinished sequence and its pages (a generate() that raised midway)."""
+        for seq in list(self.running):
+            self.allocator.release(seq.page_table)
+            seq.page_table, seq.num_computed, seq.status = [], 0, Status.WAITING
+        self.running.clear()
+        self.waiting.clear()
 
     def preempt(self, seq: Sequence) -> None:
         """Take seq out of the batch to free KV; it is recomputed (or re-matched) later."""

@@ -22,8 +22,7 @@ class Sequence:
 
     Invariants while RUNNING: tokens[:num_computed] have their KV in the pool at the slots
     given by page_table (position p -> page_table[p // page_size], offset p % page_size);
-    the sequence holds one allocator reference to each page of page_table; and
-    lock_node (0 = root, nothing locked) is a radix node it keeps locked.
+    and the sequence holds one allocator reference to each page of page_table.
     """
 
     seq_id: int
@@ -37,9 +36,8 @@ class Sequence:
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     admitted_len: int = 0         # len(tokens) when last admitted: positions below are prefill
-    admitted_at: int = 0          # admission order; the newest is preempted first
+    admitted_at: int = 0          # admission order (0: never admitted yet)
     version: int = 0              # weights version its KV is computed under
-    lock_node: int = 0
     cached_tokens: int = 0        # prompt tokens served from the prefix cache
     siblings: list["Sequence"] = field(default_factory=list)  # fork-pending, leader only
     logprobs: list[float] = field(default_factory=list)

@@ -46,6 +46,21 @@ def test_unsupported_config_values_are_named(folder, changes, match):
         load_model(folder)
 
 
+def test_partial_rotary_factor_at_top_level_is_refused(folder):
+    _edit_config(folder, partial_rotary_factor=0.5)
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported"):
+        load_model(folder)
+
+
+def test_missing_sliding_window_key_means_the_transformers_default(save_hf):
+    _, folder = save_hf("mistral", sliding_window=None)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("sliding_window")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_model(folder)
+    assert model.config.sliding_windows == [4096] * 3
+
+
 def test_missing_folder_and_missing_config(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope")

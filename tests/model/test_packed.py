@@ -113,6 +113,16 @@ def test_bad_shapes_are_refused(model):
         model(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 4]))
 
 
+def test_restarting_positions_in_a_multi_row_batch_are_refused(model):
+    """transformers silently runs such rows as one sequence each; we refuse rather than guess."""
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=r"position_ids restart inside a row of a \[B > 1, T\] batch"):
+        model(torch.zeros(2, 5, dtype=torch.long), position_ids=positions)
+    # a left-padded batch with explicit positions is fine: padding holds repeated zeros
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    model(torch.ones(2, 5, dtype=torch.long), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(model):
     with pytest.raises(ValueError, match=r"token id 96 is outside the vocabulary \[0, 96\)"):
         model(torch.tensor([[1, 96]]))

@@ -88,6 +88,10 @@ def test_fork_from_the_middle_of_a_completion_prefills_at_most_one_page(tiny, pa
         assert engine.stats.prefill_tokens <= page_size
         assert engine.stats.prefill_tokens == 1  # all but the last token of the state is cached
         assert engine.stats.forked_sequences == 8
+        # Pages are shared, not copied: admission copies only the partial page of the match,
+        # and each of the 8 forked siblings only the partial page after the prefill.
+        L = len(state)
+        assert engine.stats.copied_tokens == (L - 1) % page_size + 8 * (L % page_size)
         assert all(c.cached_tokens == len(state) - 1 for c in forked)
         fresh = Engine(model, tok, page_size=page_size, kv_cache_tokens=4096, prefix_cache=False)
         cold = fresh.generate([state], rollouts)[0]
@@ -155,6 +159,26 @@ def test_no_stale_kv_after_the_weights_change(tiny):
     assert engine.generate([prompt], GREEDY) == after
 
 
+def test_fused_optimizer_steps_are_noticed(tiny):
+    """Fused AdamW does not bump autograd's version counters; the fingerprint still sees the step."""
+    model = type(tiny[0])(tiny[0].config)
+    model.load_state_dict(tiny[0].state_dict())
+    model.reset_rope()
+    tok = tiny[1]
+    engine = Engine(model, tok, page_size=4)
+    prompt = tok.encode("8*8-1=")
+    engine.generate([prompt], GREEDY)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    versions = [p._version for p in model.parameters()]
+    model(torch.tensor([prompt])).logsumexp(-1).sum().backward()
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions  # the hazard this test is about
+    engine.stats.reset()
+    after = engine.generate([prompt], GREEDY)
+    assert engine.stats.cached_tokens == 0
+    assert after[0][0].token_ids == _recompute_greedy(model, prompt, 12)
+
+
 def test_stop_strings_and_stop_ids(tiny):
     model, tok = tiny
     engine = Engine(model, tok, page_size=4)
@@ -171,8 +195,6 @@ def test_stop_strings_and_stop_ids(tiny):
                                                    stop_token_ids=[stop_id]))[0][0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_id
     assert out.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
-    eos = engine.generate([[5, 6]], SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[]))[0][0]
-    assert eos.finish_reason == "length" or eos.token_ids[-1] == tok.eos_token_id
 
 
 def test_eos_stops_unless_ignored(tiny):
@@ -183,6 +205,21 @@ def test_eos_stops_unless_ignored(tiny):
     engine.eos_token_ids = frozenset({eos})  # pretend that token is EOS
     out = engine.generate(["4+4="], SamplingParams(temperature=0, max_new_tokens=10))[0][0]
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+
+
+def test_eos_lists_from_generation_config_stop_generation(save_hf, tmp_path):
+    import json
+
+    _, folder = save_hf("llama")
+    model, _ = load_model(folder)
+    free = Engine(model, page_size=4).generate([[3, 4, 5]], GREEDY)[0][0].token_ids
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [90, free[3]]}))
+    model, _ = load_model(folder)
+    assert model.config.generation["eos_token_id"] == [90, free[3]]
+    out = Engine(model, page_size=4).generate([[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=12))[0][0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: free.index(free[3]) + 1]
+    model.save_pretrained(tmp_path / "resaved")  # generation_config.json travels with the checkpoint
+    assert json.loads((tmp_path / "resaved" / "generation_config.json").read_text())["eos_token_id"] == [90, free[3]]
 
 
 def test_generation_stops_at_the_context_length(save_hf):
@@ -207,12 +244,17 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     probs = _filtered_probs(logprobs, [SamplingParams(top_k=2), SamplingParams(top_p=0.8)])
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
-    g = torch.Generator().manual_seed(0)
+    # top-k first, renormalise, then top-p: [.4 .3 .2 .1] -> top 2 = [.571 .429] -> p=0.5 keeps one
+    both = _filtered_probs(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])), [SamplingParams(top_k=2, top_p=0.5)])
+    torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0]]))
+    # a row without a cut is exp(logprobs) whatever its neighbours ask for
+    mixed = _filtered_probs(logprobs, [SamplingParams(), SamplingParams(top_k=1)])
+    torch.testing.assert_close(mixed[0], logprobs[0].exp(), atol=0, rtol=0)
     from engine.runtime.sampler import sample
 
-    counts = Counter(sample(logprobs[:1].repeat(4000, 1), [SamplingParams(top_p=0.85)] * 4000, [None] * 4000)[0])
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    counts = Counter(sample(logprobs[:1].repeat(4000, 1), [SamplingParams(top_p=0.85)] * 4000, gens)[0])
     assert set(counts) == {0, 1, 2} and abs(counts[0] / 4000 - 0.5 / 0.95) < 0.04
-    del g
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,0 +1,136 @@
+"""Tight pools, small budgets and many forks: every step keeps page ownership exact, never
+reads KV that belongs to other tokens, finishes, and gives the roomy engine's outputs."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams, load_model
+from engine.model import create_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-stress")
+    create_tiny_checkpoint(folder, seed=5)
+    return load_model(folder)
+
+
+def _check_ownership(engine: Engine) -> None:
+    owners = Counter(engine.tree.page_refs())
+    for seq in engine.scheduler.running:
+        assert len(set(seq.page_table)) == len(seq.page_table)
+        owners.update(seq.page_table)
+    for p in range(engine.allocator.num_pages):
+        assert engine.allocator.ref_count(p) == owners[p], f"page {p}"
+    for seq in engine.scheduler.waiting:
+        assert not seq.page_table
+    engine.tree.check_invariants()
+    assert engine.tree.lock_ref(0) == 0  # locks live only inside an admission
+
+
+def _instrument(engine: Engine, max_steps: int = 2000) -> None:
+    """Check ownership after every schedule and step, and track what each slot holds.
+
+    `shadow[slot]` is the token prefix whose last token's KV the slot holds; every read of
+    position p by a sequence must find exactly tokens[:p + 1] there.
+    """
+    shadow: dict[int, tuple[int, ...]] = {}
+    P = engine.page_size
+    copy = engine.pool.copy_slots
+
+    def copy_slots(src, dst):
+        for a, b in zip(src.tolist(), dst.tolist()):
+            shadow[b] = shadow.get(a, ("garbage",))
+        copy(src, dst)
+
+    schedule = engine.scheduler.schedule
+
+    def checked_schedule():
+        batch = schedule()
+        _check_ownership(engine)
+        written = {}
+        for seq, start, end in batch:
+            for pos in range(start, end):
+                slot = seq.page_table[pos // P] * P + pos % P
+                assert slot not in written, "two writes to one slot in a step"
+                written[slot] = tuple(seq.tokens[:pos + 1])
+        for seq in engine.scheduler.running:  # nobody's computed KV is overwritten
+            if not any(seq is s for s, _, _ in batch):
+                for pos in range(seq.num_computed):
+                    assert seq.page_table[pos // P] * P + pos % P not in written
+        shadow.update(written)
+        for seq, _, end in batch:
+            for pos in range(end):
+                assert shadow.get(seq.page_table[pos // P] * P + pos % P) == tuple(seq.tokens[:pos + 1])
+        return batch
+
+    step = engine._step
+
+    def checked_step():
+        assert engine.stats.forward_steps < max_steps, "no progress: the scheduler is cycling"
+        done = step()
+        _check_ownership(engine)
+        return done
+
+    engine.pool.copy_slots, engine.scheduler.schedule, engine._step = copy_slots, checked_schedule, checked_step
+
+
+def _outputs(groups):
+    return [[(c.token_ids, c.finish_reason, c.logprobs) for c in g] for g in groups]
+
+
+CASES = [
+    # (page_size, kv_cache_tokens, max_num_seqs, max_batch_tokens)
+    (8, 32, 8, 7),  # a lone sequence once cycled here: admit, run out of pages, preempt itself
+    (2, 24, 8, 5),
+    (1, 20, 4, 3),
+    (4, 40, 16, 64),
+]
+
+
+@pytest.mark.parametrize("page_size,kv_tokens,max_seqs,max_batch", CASES)
+def test_tight_engines_match_a_roomy_one(tiny, page_size, kv_tokens, max_seqs, max_batch):
+    model, tok = tiny
+    prompts = [[12, 76, 13, 79, 85, 14, 5], [6, 7, 77, 9, 12, 9, 10, 77, 8, 12, 13],
+               [6, 7, 77, 8, 8, 5, 11, 79, 77, 9, 5, 5], [6, 7, 77, 8, 77, 77, 11, 6, 9, 8, 77]]
+    params = [SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=43, ignore_eos=True, logprobs=True),
+              SamplingParams(n=4, temperature=1.0, top_k=5, max_new_tokens=4, seed=37, ignore_eos=True, logprobs=True),
+              SamplingParams(n=1, temperature=0, max_new_tokens=4, ignore_eos=True, logprobs=True),
+              SamplingParams(n=2, temperature=1.0, max_new_tokens=5, seed=37, ignore_eos=True, logprobs=True)]
+    expected = Engine(model, tok, page_size=4, kv_cache_tokens=4096).generate(prompts, params)
+    tight = Engine(model, tok, page_size=page_size, kv_cache_tokens=kv_tokens, max_num_seqs=max_seqs,
+                   max_batch_tokens=max_batch)
+    _instrument(tight)
+    for _ in range(2):  # the second round meets a warm prefix cache
+        got = tight.generate(prompts, params)
+        assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in expected]
+        for g_got, g_exp in zip(got, expected):
+            for a, b in zip(g_got, g_exp):
+                torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        _check_ownership(tight)
+
+
+def test_an_interrupted_generate_leaves_the_engine_clean(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, page_size=4)
+    step, calls = engine._step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    engine._step = failing_step
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=3, max_new_tokens=10, ignore_eos=True))
+    engine._step = step
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    _check_ownership(engine)
+    engine.invalidate_cache()  # would raise if a lock or a running sequence were left behind
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    assert len(out[0][0].token_ids) == 4
