@@ -1,0 +1,51 @@
+"""`python -m engine.evaluate` end to end on the built-in tiny model, and its bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.evaluate import main
+from engine.model import create_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-eval")
+    create_tiny_checkpoint(folder, seed=0)
+    return folder
+
+
+def test_evaluation_report_is_consistent(model_dir, tmp_path):
+    out = tmp_path / "report.json"
+    report = main(["--model", str(model_dir), "--task", "arithmetic", "--n", "3", "--limit", "4",
+                   "--max-new-tokens", "12", "--temperature", "1.0", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == report["metrics"] and saved["items"] == 4 and len(saved["results"]) == 4
+    rows = saved["results"]
+    assert all(len(r["samples"]) == 3 for r in rows)
+    pass1 = sum(sum(s["reward"] for s in r["samples"]) / 3 for r in rows) / 4
+    assert saved["metrics"]["pass@1"] == pytest.approx(pass1)
+    assert saved["metrics"]["pass@3"] == sum(any(s["reward"] == 1 for s in r["samples"]) for r in rows) / 4
+    assert saved["metrics"]["maj@3"] == sum(r["majority_correct"] for r in rows) / 4
+    assert all(s["reward"] == 0 for r in rows for s in r["samples"] if s["finish_reason"] == "length")
+
+
+def test_report_goes_next_to_the_model_by_default(model_dir):
+    main(["--model", str(model_dir), "--task", "arithmetic", "--n", "1", "--limit", "2", "--max-new-tokens", "4"])
+    assert (model_dir / "eval-arithmetic-test.json").exists()
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (["--task", "chess"], ValueError, "unknown task 'chess'"),
+    (["--task", "arithmetic", "--n", "0"], ValueError, "--n must be >= 1"),
+    (["--task", "gsm8k", "--data", "/nonexistent/gsm.jsonl"], Exception, "gsm.jsonl"),
+])
+def test_bad_input(model_dir, args, error, match):
+    with pytest.raises(error, match=match):
+        main(["--model", str(model_dir), *args])
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--model", str(tmp_path / "nope"), "--task", "arithmetic"])
