@@ -1,0 +1,38 @@
+"""Reasoning tasks: items, prompts, 0/1 rewards and step styles for VinePPO.
+
+    task = load_task("gsm8k")                        # hub dataset (openai/gsm8k)
+    task = load_task("gsm8k", data="sample")         # 32 shipped rows per split
+    task = load_task("math", data={"test": "math500.jsonl"}, question_field="problem")
+    task = load_task("arithmetic", steps=3, max_operand=50, seed=1)   # generated, no download
+    item = task.items("test")[0]
+    task.prompt(item), task.reward(response, item, finish_reason)
+"""
+from __future__ import annotations
+
+from engine.tasks.arithmetic import ArithmeticTask
+from engine.tasks.base import (
+    STEP_STYLES, VINEPPO_TEMPLATE, DatasetTask, Item, Task, TaskDataError, load_dataset_rows)
+from engine.tasks.grading import GraderPool, gsm8k_correct, math_correct
+from engine.tasks.gsm8k import GSM8KTask
+from engine.tasks.math import MathTask
+
+TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MathTask, "arithmetic": ArithmeticTask}
+
+
+def load_task(name: str, **kwargs) -> Task:
+    """The task registered as `name`, built with its keyword options.
+
+    Data tasks take data=, template=, question_field=, answer_field=, config=; arithmetic
+    takes template=, seed=, steps=, min_operand=, max_operand=, ops=, allow_negative=,
+    n_train=, n_test=.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = [
+    "STEP_STYLES", "TASKS", "VINEPPO_TEMPLATE", "ArithmeticTask", "DatasetTask", "GSM8KTask", "GraderPool",
+    "Item", "MathTask", "Task", "TaskDataError", "gsm8k_correct", "load_dataset_rows", "load_task",
+    "math_correct",
+]

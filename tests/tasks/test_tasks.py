@@ -1,0 +1,247 @@
+"""Tasks: loading from shipped samples and local files, prompts, rewards, clear errors on bad
+input, and the arithmetic generator (correct by construction, deterministic, disjoint splits)."""
+from __future__ import annotations
+
+import json
+import re
+import string
+
+import pytest
+
+from engine.tasks import (
+    TASKS, VINEPPO_TEMPLATE, ArithmeticTask, Item, TaskDataError, load_dataset_rows, load_task)
+from engine.tasks.base import SAMPLE_DIR
+from engine.tasks.gsm8k import strip_calculator_annotations
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------ registry
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'; known tasks: arithmetic, gsm8k, math"):
+        load_task("gsm9k")
+    assert set(TASKS) == {"arithmetic", "gsm8k", "math"}
+
+
+def test_step_styles_and_default_templates():
+    assert load_task("gsm8k", data="sample").step_style == "newline"
+    assert load_task("math", data="sample").step_style == "math"
+    assert load_task("arithmetic").step_style == "newline"
+    assert VINEPPO_TEMPLATE == "[MATH_TASK] Problem:\n{question}\n\nSolution:"
+
+
+# ------------------------------------------------------------------------ shipped samples
+
+def test_shipped_samples_have_licenses():
+    names = {p.name for p in SAMPLE_DIR.iterdir()}
+    assert {"gsm8k_train.jsonl", "gsm8k_test.jsonl", "math500_test.jsonl", "LICENSE-gsm8k", "LICENSE-math500"} <= names
+    assert "MIT License" in (SAMPLE_DIR / "LICENSE-gsm8k").read_text()
+    assert "Hendrycks" in (SAMPLE_DIR / "LICENSE-math500").read_text()
+
+
+def test_gsm8k_from_samples():
+    task = load_task("gsm8k", data="sample")
+    train, test = task.items("train"), task.items("test")
+    assert len(train) == len(test) == 32
+    first = train[0]
+    assert first.answer == "72" and first.id == "gsm8k-train-0"
+    assert "<<" not in first.solution and first.solution.endswith("#### 72")
+    assert task.prompt(first) == f"[MATH_TASK] Problem:\n{first.question}\n\nSolution:"
+    for item in train + test:  # every reference solution earns its own reward
+        assert task.reward(" " + item.solution, item) == 1.0
+        assert task.reward(" " + item.solution, item, finish_reason="length") == 0.0
+    assert task.reward("#### 73", first) == 0.0
+
+
+def test_math_from_samples():
+    task = load_task("math", data="sample")
+    items = task.items("test")
+    assert len(items) == 32
+    assert items[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert items[2].answer == "\\frac{14}{3}"
+    for item in items:
+        assert task.reward(" " + item.solution, item) == 1.0
+        assert task.reward(" " + item.solution, item, finish_reason="length") == 0.0
+    assert task.reward("So the answer is $\\boxed{\\dfrac{14}{3}}$.", items[2]) == 1.0
+    assert task.reward("So the answer is $\\boxed{\\dfrac{13}{3}}$.", items[2]) == 0.0
+    with pytest.raises(TaskDataError, match="no data for the train split"):
+        task.items("train")  # only a test sample is shipped
+
+
+def test_calculator_annotations_stripped():
+    assert strip_calculator_annotations("48/2 = <<48/2=24>>24 clips") == "48/2 = 24 clips"
+
+
+def test_template_override_and_validation():
+    task = load_task("gsm8k", data="sample", template="Q: {question}\nA:")
+    item = task.items("test")[0]
+    assert task.prompt(item) == f"Q: {item.question}\nA:"
+    braces = load_task("math", data="sample", template="\\boxed{} {question}")  # braces are literal
+    assert braces.prompt(Item("i", "x^{2}", "1")) == "\\boxed{} x^{2}"
+    with pytest.raises(ValueError, match="must contain '{question}'"):
+        load_task("gsm8k", data="sample", template="no placeholder")
+
+
+# ---------------------------------------------------------------------------- local files
+
+def test_local_jsonl_with_renamed_fields(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [
+        {"problem": "What is 2+2?", "solution": "2+2 = <<2+2=4>>4\n#### 4", "extra": 1},
+        {"problem": "What is 1,000+1?", "solution": "#### 1,001"},
+    ])
+    task = load_task("gsm8k", data=path, question_field="problem", answer_field="solution")
+    items = task.items("train")
+    assert [i.answer for i in items] == ["4", "1001"]
+    assert items[0].solution == "2+2 = 4\n#### 4"
+    same = [(i.question, i.answer) for i in task.items("test")]
+    assert same == [(i.question, i.answer) for i in items]  # one file serves every split
+
+
+def test_local_json_and_parquet_per_split(tmp_path):
+    import datasets
+
+    rows = [{"q": "Find $x$.", "a": "We get $\\boxed{\\frac{1}{2}}$."}, {"q": "Name it.", "a": "\\text{Evelyn}"}]
+    json_path = tmp_path / "train.json"
+    json_path.write_text(json.dumps(rows))
+    parquet_path = tmp_path / "test.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet_path))
+    task = load_task("math", data={"train": json_path, "test": str(parquet_path)}, question_field="q", answer_field="a")
+    for split in ("train", "test"):
+        items = task.items(split)
+        assert [i.answer for i in items] == ["\\frac{1}{2}", "\\text{Evelyn}"]
+        assert items[1].solution is None  # a bare final answer has no reference solution
+        assert task.reward("$\\boxed{0.5}$", items[0]) == 1.0
+
+
+def test_load_dataset_rows_returns_only_the_fields(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"a": 1, "b": "x", "c": None}])
+    assert load_dataset_rows(path, "train", ["a", "b"]) == [{"a": 1, "b": "x"}]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_task("gsm8k", data=missing)
+
+
+def test_missing_field_names_field_and_file(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"question": "q?", "solution": "#### 1"}])
+    task = load_task("gsm8k", data=path)
+    with pytest.raises(TaskDataError, match=r"rows\.jsonl has no field 'answer' \(its fields: question, solution\)"):
+        task.items("train")
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(TaskDataError, match="empty.jsonl is empty"):
+        load_task("gsm8k", data=empty).items("train")
+    empty_list = tmp_path / "empty.json"
+    empty_list.write_text("[]")
+    with pytest.raises(TaskDataError, match="empty.json"):
+        load_task("math", data=empty_list).items("test")
+
+
+def test_bad_rows_are_named(tmp_path):
+    no_gold = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 1"},
+                                                  {"question": "q", "answer": "a story"}])
+    with pytest.raises(TaskDataError, match=r"row 1 of .*g\.jsonl.*no '#### <number>'"):
+        load_task("gsm8k", data=no_gold).items("train")
+    no_box = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "line one\nline two"}])
+    with pytest.raises(TaskDataError, match=r"row 0 of .*m\.jsonl.*no \\boxed"):
+        load_task("math", data=no_box).items("test")
+    no_question = write_jsonl(tmp_path / "n.jsonl", [{"question": None, "answer": "#### 1"}])
+    with pytest.raises(TaskDataError, match="field 'question' is empty"):
+        load_task("gsm8k", data=no_question).items("test")
+
+
+def test_unsupported_file_type_and_unknown_split(tmp_path):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("question,answer\n")
+    with pytest.raises(TaskDataError, match="unsupported data file type '.csv'"):
+        load_task("gsm8k", data=csv)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_task("gsm8k", data="sample").items("dev")
+
+
+def test_unreachable_hub_is_a_clear_error():
+    # tests run with HF_HUB_OFFLINE=1 (tests/conftest.py), so the hub is never contacted.
+    with pytest.raises(TaskDataError, match="could not load hub dataset 'openai/gsm8k'.*local"):
+        load_task("gsm8k").items("test")
+
+
+# ------------------------------------------------------------------------------ arithmetic
+
+_LINE = re.compile(r"(-?\d+)([+\-*])(\d+)=(-?\d+)")
+
+
+def check_problem(item: Item, task: ArithmeticTask) -> None:
+    """The item is right by construction: Python agrees with every line and the answer."""
+    assert re.fullmatch(r"[\d+\-*()]+", item.question)
+    assert eval(item.question) == int(item.answer)  # safe: digits, operators, parentheses only
+    *lines, final = item.solution.split("\n")
+    assert final == f"#### {item.answer}"
+    assert task.steps[0] <= len(lines) <= task.steps[1]
+    value = None
+    for line in lines:
+        a, op, b, result = _LINE.fullmatch(line).groups()
+        assert value is None or int(a) == value  # each step continues from the last result
+        assert op in task.ops and task.operands[0] <= int(b) <= task.operands[1]
+        assert eval(f"{a}{op}{b}") == int(result)
+        value = int(result)
+        assert task.allow_negative or value >= 0
+    assert value == int(item.answer)
+    assert set(task.prompt(item) + item.solution) <= set(string.printable)
+
+
+@pytest.mark.parametrize("knobs", [
+    {},
+    {"steps": 4, "max_operand": 5, "ops": "*+"},
+    {"steps": (1, 5), "min_operand": 10, "max_operand": 99, "ops": "-", "allow_negative": True},
+])
+def test_arithmetic_correct_by_construction(knobs):
+    task = load_task("arithmetic", n_train=2000, n_test=200, **knobs)
+    train, test = task.items("train"), task.items("test")
+    assert len(train) == 2000 and len(test) == 200
+    for item in train + test:
+        check_problem(item, task)
+        assert task.reward(item.solution, item) == 1.0
+        assert task.reward(item.solution, item, finish_reason="length") == 0.0
+        assert task.reward(f"#### {int(item.answer) + 1}", item) == 0.0
+    assert not {i.question for i in train} & {i.question for i in test}  # held out
+    assert len({i.question for i in train}) == len(train)
+
+
+def test_arithmetic_is_deterministic_given_seed():
+    a, b = load_task("arithmetic", n_train=50, n_test=20), load_task("arithmetic", n_train=50, n_test=20)
+    assert a.items("train") == b.items("train") and a.items("test") == b.items("test")
+    c = load_task("arithmetic", seed=1, n_train=50, n_test=20)
+    assert c.items("test") != a.items("test")
+    assert a.prompt(a.items("test")[0]) == f"Compute {a.items('test')[0].question}.\n"
+
+
+def test_arithmetic_precedence_is_left_to_right():
+    task = load_task("arithmetic", steps=2, ops="+*", n_train=300, n_test=50)
+    mixed = [i for i in task.items("train") if i.question.startswith("(")]
+    assert mixed, "expected some (a+b)*c problems"
+    for item in mixed:
+        check_problem(item, task)
+
+
+def test_arithmetic_bad_knobs():
+    with pytest.raises(ValueError, match="takes no data"):
+        load_task("arithmetic", data="x.jsonl")
+    with pytest.raises(ValueError, match="ops must be"):
+        ArithmeticTask(ops="/")
+    with pytest.raises(ValueError, match="steps must be"):
+        ArithmeticTask(steps=0)
+    with pytest.raises(ValueError, match="found only .* distinct"):
+        ArithmeticTask(steps=1, max_operand=1, ops="+", n_train=100, n_test=2).items("train")
+    with pytest.raises(TypeError):
+        load_task("arithmetic", question_field="q")
