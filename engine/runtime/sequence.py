@@ -42,7 +42,6 @@ class Sequence:
     siblings: list["Sequence"] = field(default_factory=list)  # fork-pending, leader only
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    stop_text_at: int | None = None  # where a matched stop string starts in the text
 
     @property
     def num_generated(self) -> int:

@@ -173,3 +173,20 @@ class TreeModel(RuleBasedStateMachine):
 
 TestTreeModel = TreeModel.TestCase
 TestTreeModel.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+def test_evictable_pages_is_what_a_full_eviction_frees():
+    alloc = PageAllocator(12, P)
+    tree = RadixTree(alloc)
+    held = []
+    for first in (1, 2, 3):
+        pages, slots = _seq_slots(alloc, 7)
+        node, _ = tree.insert([first] * 7, slots, tree.version)
+        held.append((pages, node))
+    alloc.release(held[0][0])  # sequence 1 finished: its pages are the tree's alone
+    tree.lock(held[1][1])      # sequence 2's prefix is locked
+    # sequence 3 still holds its own pages: evicting its node frees nothing
+    assert tree.evictable_pages == 2
+    free = alloc.num_free
+    tree.evict(alloc.num_pages)
+    assert alloc.num_free - free == 2
