@@ -39,6 +39,7 @@ def test_report_goes_next_to_the_model_by_default(model_dir):
 @pytest.mark.parametrize("args,error,match", [
     (["--task", "chess"], ValueError, "unknown task 'chess'"),
     (["--task", "arithmetic", "--n", "0"], ValueError, "--n must be >= 1"),
+    (["--task", "arithmetic", "--limit", "0"], ValueError, "--limit must be >= 1"),
     (["--task", "gsm8k", "--data", "/nonexistent/gsm.jsonl"], Exception, "gsm.jsonl"),
 ])
 def test_bad_input(model_dir, args, error, match):

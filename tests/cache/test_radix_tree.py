@@ -18,6 +18,12 @@ def _seq_slots(alloc: PageAllocator, n: int) -> tuple[list[int], list[int]]:
     return pages, alloc.slot_mapping(pages, 0, n)
 
 
+def _insert_sequence(alloc: PageAllocator, tree: RadixTree, tokens: list[int]) -> tuple[list[int], int]:
+    """A sequence computes `tokens` into fresh pages and caches them: (its pages, the node)."""
+    pages, slots = _seq_slots(alloc, len(tokens))
+    return pages, tree.insert(tokens, slots, tree.version)[0]
+
+
 def test_match_splits_a_node_and_returns_exact_slots():
     alloc = PageAllocator(16, P)
     tree = RadixTree(alloc)
@@ -53,8 +59,8 @@ def test_locked_nodes_survive_eviction_and_lru_goes_first():
     tree = RadixTree(alloc)
     handles = []
     for first in (10, 20, 30):
-        pages, slots = _seq_slots(alloc, 8)
-        handles.append(tree.insert([first] + list(range(7)), slots, tree.version)[0])
+        pages, node = _insert_sequence(alloc, tree, [first] + list(range(7)))
+        handles.append(node)
         alloc.release(pages)
     assert alloc.num_free == 0
     tree.lock(handles[0])
@@ -178,11 +184,7 @@ TestTreeModel.settings = settings(max_examples=80, stateful_step_count=40, deadl
 def test_evictable_pages_is_what_a_full_eviction_frees():
     alloc = PageAllocator(12, P)
     tree = RadixTree(alloc)
-    held = []
-    for first in (1, 2, 3):
-        pages, slots = _seq_slots(alloc, 7)
-        node, _ = tree.insert([first] * 7, slots, tree.version)
-        held.append((pages, node))
+    held = [_insert_sequence(alloc, tree, [first] * 7) for first in (1, 2, 3)]
     alloc.release(held[0][0])  # sequence 1 finished: its pages are the tree's alone
     tree.lock(held[1][1])      # sequence 2's prefix is locked
     # sequence 3 still holds its own pages: evicting its node frees nothing

@@ -284,9 +284,20 @@ def test_bad_prompts_and_pools(tiny):
         Engine(model, kv_cache_tokens=10, page_size=16)
     with pytest.raises(ValueError, match="attention_backend"):
         Engine(model, attention_backend="cuda")
+    with pytest.raises(NotImplementedError, match="Triton attention backend is not built yet"):
+        Engine(model, attention_backend="triton")
     with pytest.raises(ValueError, match="a list of prompts"):
         engine.generate("1+1=", GREEDY)
     _pages_balance(engine)
+
+
+def test_attention_backend_environment_override(tiny, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setenv("ENGINE_ATTENTION_BACKEND", "flex")
+    with pytest.raises(ValueError, match="got 'flex'"):
+        Engine(model, tok, attention_backend="torch")
+    monkeypatch.setenv("ENGINE_ATTENTION_BACKEND", "torch")
+    assert Engine(model, tok, attention_backend="auto").generate([[5]], GREEDY)[0][0].finish_reason == "length"
 
 
 def test_engine_samples_with_the_models_own_parameters(tiny):
