@@ -1,95 +1,82 @@
-"""`python -m engine.train`: the project's main job.
+"""`python -m engine.train`: RL for reasoning (VinePPO by default) on one set of weights.
 
-Until the VinePPO trainer lands (issue "VinePPO end to end"), this runs the SFT warm-up the
-default preset will start from, on what exists: it creates the built-in tiny model and
-character tokenizer as a Hugging Face checkpoint, fine-tunes it with packed (padding-free)
-batches on reference solutions of the built-in arithmetic task, saves it, reloads it with
-`load_model`, and reports held-out accuracy (greedy, graded by the task) before and after,
-sampling through the Engine.
+    python -m engine.train                                  # default preset: tiny model, arithmetic, CPU
+    python -m engine.train --preset smoke                   # the whole loop in under 2 minutes on CPU
+    python -m engine.train --preset gsm8k --model path/to/sft-model
+    python -m engine.train --algo grpo --iterations 20 --run-dir runs/grpo
+    python -m engine.train --run-dir runs/default --resume  # continue where it stopped
+
+Every key of engine.rl.config.TrainConfig is a flag (`--max-new-tokens 512`, `--task-args
+'{steps: 3}'`); values use YAML syntax. Writes <run-dir>/config.yaml, metrics.jsonl (one row per
+iteration), curves.png, checkpoints/ (HF format + optimizer/scheduler/RNG state), final/ and
+summary.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
-from engine import Engine, SamplingParams
-from engine.model import create_tiny_checkpoint, load_model
-from engine.tasks import Task, load_task
+from engine.rl.config import FIELD_TYPES, ConfigError, load_config, parse_value
 
 
-@torch.no_grad()
-def accuracy(model, tok, task: Task, items, max_new_tokens: int = 64) -> float:
-    """Greedy accuracy on items, sampled through the Engine and graded by the task."""
-    engine = Engine(model, tok, page_size=16, kv_cache_tokens=1 << 15)
-    outs = engine.generate([task.prompt(it) for it in items], SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
-    return sum(task.reward(o[0].text, it, o[0].finish_reason) for it, o in zip(items, outs)) / len(items)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="a name in engine/presets (default, smoke, gsm8k, math) or a .yaml path")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name, f in FIELD_TYPES.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
+                        help=f"(default {f.default_factory() if callable(f.default_factory) else f.default!r})")
+    return ap
 
 
-def sft_batch(tok, task: Task, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed input ids [1, T], cu_seqlens, and targets with the loss on the solution only."""
-    seqs, targets = [], []
-    for it in items:
-        p, s = tok.encode(task.prompt(it)), tok.encode(it.solution) + [tok.eos_token_id]
-        seqs.append(torch.tensor(p + s[:-1]))
-        targets.append(torch.tensor([-100] * (len(p) - 1) + s))
-    cu = torch.tensor([0] + [len(x) for x in seqs]).cumsum(0)
-    return torch.cat(seqs)[None], cu, torch.cat(targets)
+def config_from_args(args: argparse.Namespace):
+    overrides = {}
+    for name in FIELD_TYPES:
+        text = getattr(args, name)
+        if text is not None:
+            overrides[name] = parse_value(name, text)
+    if args.resume:
+        run_dir = overrides.get("run_dir") or load_config(args.preset or "default").run_dir
+        saved = Path(run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {saved} does not exist (was the run started with --run-dir {run_dir}?)")
+        return load_config(str(saved), overrides)
+    return load_config(args.preset or "default", overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-items", type=int, default=200)
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    run = Path(args.run_dir)
-    init_dir, final_dir = run / "init", run / "final"
-    task = load_task("arithmetic", seed=args.seed)
-    train_items, held_out = task.items("train"), task.items("test")[: args.eval_items]
-    create_tiny_checkpoint(init_dir, seed=args.seed)
-    model, tok = load_model(init_dir)
-    acc_before = accuracy(model, tok, task, held_out)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from engine.rl.trainer import Trainer, TrainingDiverged  # heavy imports after the argument checks
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / args.steps))
-    rng = random.Random(args.seed)
-    model.train()
-    t0 = time.time()
-    log = (run / "metrics.jsonl").open("w")
-    bar = tqdm(range(args.steps), desc="SFT warm-up (demo)")
-    for step in bar:
-        ids, cu, targets = sft_batch(tok, task, rng.sample(train_items, args.batch_size))
-        logits = model(ids, cu_seqlens=cu)[0]
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
-    log.close()
-    train_seconds = time.time() - t0
-    model.eval()
-    model.save_pretrained(final_dir, tokenizer=tok)
-    reloaded, tok = load_model(final_dir)
-    acc_after = accuracy(reloaded, tok, task, held_out)
-    summary = {"task": "arithmetic", "held_out_items": len(held_out), "held_out_accuracy_before": acc_before,
-               "held_out_accuracy_after": acc_after, "train_seconds": round(train_seconds, 1),
-               "checkpoint": str(final_dir)}
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        last = trainer.run()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    rows = [json.loads(x) for x in trainer.metrics_path.read_text().splitlines() if x.strip()]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    summary = {
+        "algo": cfg.algo, "task": cfg.task, "run_dir": str(trainer.run_dir), "iterations_done": trainer.iteration,
+        "eval_items": len(trainer.eval_items),
+        "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
+        "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else None,
+        "eval_stderr_end": evals[-1].get("eval_stderr") if evals else None,
+        "reward_last": last.get("reward_mean"),
+        "minutes_this_process": round((time.perf_counter() - t0) / 60, 2),
+    }
+    (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -51,25 +51,29 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     return (torch.exp(d) - d - 1.0).clamp(0.0, K3_MAX)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, *, num_tokens: float | None = None,
+              num_seqs: float | None = None) -> torch.Tensor:
     """Reduce [B, T] per-token values to a scalar over the masked tokens.
 
     token-mean:          sum of all masked values / number of masked tokens;
     seq-mean-token-sum:  per sequence the sum over its tokens, then the mean over sequences;
     seq-mean-token-mean: per sequence the mean over its tokens, then the mean over sequences.
     Sequences with no masked token count in neither mean; an all-empty batch gives 0.
+    num_tokens / num_seqs replace the counts of this batch in the final division: with the
+    counts of a whole minibatch, the micro-batch losses of gradient accumulation sum to the
+    minibatch's loss exactly.
     """
     if mode not in get_args(Aggregation):
         raise ValueError(f"aggregation must be one of {get_args(Aggregation)}; got {mode!r}")
     keep = mask.bool()
     values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if mode == "token-mean":
-        return values.sum() / keep.sum().clamp_min(1)
+        return values.sum() / (keep.sum().clamp_min(1) if num_tokens is None else num_tokens)
     per_seq_tokens = keep.sum(-1)
     per_seq = values.sum(-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / per_seq_tokens.clamp_min(1)
-    n_seqs = (per_seq_tokens > 0).sum().clamp_min(1)
+    n_seqs = (per_seq_tokens > 0).sum().clamp_min(1) if num_seqs is None else num_seqs
     return per_seq.sum() / n_seqs
 
 
@@ -144,6 +148,8 @@ def ppo_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     aggregation: Aggregation = "token-mean",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
 ) -> tuple[torch.Tensor, PPOStats]:
     """Clipped-surrogate PPO loss (scalar, to minimise) and its logging statistics.
 
@@ -151,6 +157,8 @@ def ppo_loss(
     constants (detached here). `entropy` [B, T] (e.g. from `kernels.fused_logprobs(...,
     with_entropy=True)`) is needed when entropy_coef != 0 and is reported when given.
     `kl_aggregation` defaults to `aggregation`; VinePPO uses "seq-mean-token-sum" for KL.
+    num_tokens / num_seqs: the token and sequence counts of the whole minibatch when this call
+    sees one micro-batch of it (see `aggregate`); they affect the loss terms, not the statistics.
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T]; got shape {tuple(logprobs.shape)}")
@@ -192,19 +200,20 @@ def ppo_loss(
         # For A < 0 the loss above grows without bound in the ratio; cap it at -A * dual_clip.
         clipped_dual = (adv < 0) & (ratio > dual_clip)
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
-    pg_loss = aggregate(pg, keep, aggregation)
+    norm = dict(num_tokens=num_tokens, num_seqs=num_seqs)
+    pg_loss = aggregate(pg, keep, aggregation, **norm)
     loss = pg_loss
 
     zero = logprobs.new_zeros(())
     kl_loss, kl_tok = zero, None
     if ref_logprobs is not None:
         kl_tok = kl_penalty(logprobs, ref_logprobs, kl_estimator)
-        kl_loss = aggregate(kl_tok, keep, kl_aggregation)
+        kl_loss = aggregate(kl_tok, keep, kl_aggregation, **norm)
         if kl_coef > 0:
             loss = loss + kl_coef * kl_loss
     entropy_loss = zero
     if entropy is not None:
-        entropy_loss = aggregate(entropy, keep, aggregation)
+        entropy_loss = aggregate(entropy, keep, aggregation, **norm)
         if entropy_coef != 0:
             loss = loss - entropy_coef * entropy_loss
 

@@ -246,3 +246,25 @@ def test_kl_penalty_bad_input():
         kl_penalty(torch.zeros(3), torch.zeros(4))
     with pytest.raises(ValueError, match=r"'median'"):
         aggregate(torch.zeros(2, 2), torch.ones(2, 2), "median")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode):
+    # Gradient accumulation: the trainer passes the minibatch's token and sequence counts so the
+    # micro-batch losses add up to the loss of the whole minibatch, for policy and KL terms alike.
+    g = torch.Generator().manual_seed(0)
+    b, t = 6, 5
+    lp = -torch.rand(b, t, generator=g, dtype=torch.float64)
+    old = lp + 0.1 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    ref = lp + 0.1 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=g) < 0.7
+    mask[:, 0] = True
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, aggregation=mode, kl_aggregation="seq-mean-token-sum")
+    whole, _ = ppo_loss(lp, old, adv, mask, **kw)
+    parts = 0.0
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
+        part, _ = ppo_loss(lp[rows], old[rows], adv[rows], mask[rows], **{**kw, "ref_logprobs": ref[rows]},
+                           num_tokens=int(mask.sum()), num_seqs=b)
+        parts = parts + part
+    torch.testing.assert_close(parts, whole)

@@ -1,0 +1,239 @@
+"""The trainer's configuration: one flat dataclass, YAML presets, command-line overrides.
+
+A preset (engine/presets/<name>.yaml, or a path to a YAML file) sets any subset of the
+fields below; command-line flags (`--k 4`, `--algo grpo`, `--task-args '{"steps": 3}'`) set
+them again. Unknown keys are errors, never ignored. A value of "???" in a preset means the
+user must supply it (the gsm8k and math presets need `--model`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+REQUIRED = "???"
+Algo = Literal["vineppo", "ppo", "grpo", "rloo"]
+ALGOS: tuple[str, ...] = get_args(Algo)
+
+
+class ConfigError(ValueError):
+    """A preset or an override that cannot be used; raised before any work starts."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train
+    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo
+    task: str = "arithmetic"           # gsm8k | math | arithmetic
+    task_args: dict = field(default_factory=dict)  # keyword options of load_task (data=, steps=, ...)
+    model: str | None = None           # HF checkpoint folder; None = the built-in tiny model
+    tiny_model_args: dict = field(default_factory=dict)  # overrides of engine.model.tiny_config
+    seed: int = 0
+    device: str = "auto"               # auto = cuda when available, else cpu
+    dtype: str = "auto"                # auto = bfloat16 on cuda, float32 on cpu
+    # ---- SFT warm-up (before RL; skipped when sft_steps == 0)
+    sft_steps: int = 0
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-5
+    # ---- sampling (trajectories)
+    iterations: int = 1000
+    prompts_per_iteration: int = 64
+    samples_per_prompt: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 1024
+    # ---- VinePPO Monte Carlo values
+    k: int = 9                         # rollouts per state
+    mc_max_new_tokens: int | None = None  # None = max_new_tokens (a fresh budget per rollout)
+    max_states_per_response: int | None = None  # cap; states past it are back-filled with the return
+    step_split: str = "task"           # task (the task's step style) | newline | math | chunks
+    chunk_tokens: int = 100            # step length for step_split = chunks
+    # ---- PPO critic (algo = ppo)
+    gae_lambda: float = 1.0
+    gamma: float = 1.0
+    value_clip: float = 0.2
+    critic_lr: float | None = None     # None = lr
+    # ---- GRPO
+    grpo_scale_by_std: bool = True     # False = Dr.GRPO (no std division, constant length normaliser)
+    # ---- update
+    epochs: int = 2
+    minibatch_size: int = 64           # episodes per optimizer step
+    micro_batch_size: int = 8          # episodes per forward/backward (gradient accumulation)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    adam_betas: tuple = (0.9, 0.999)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 1e-4
+    kl_estimator: str = "k3"
+    kl_aggregation: str = "seq-mean-token-sum"
+    loss_aggregation: str = "token-mean"
+    entropy_coef: float = 0.0
+    whiten_advantages: str | bool = "auto"  # auto = on for vineppo and ppo, off for grpo and rloo
+    gradient_checkpointing: bool = False
+    # ---- engine
+    page_size: int = 16
+    max_num_seqs: int = 256
+    max_batch_tokens: int = 8192
+    kv_cache_tokens: int | None = None  # None = the Engine's default sizing
+    # ---- evaluation and bookkeeping
+    eval_every: int = 10               # iterations between held-out evaluations (and at start/end)
+    eval_items: int = 500
+    eval_samples: int = 1
+    eval_temperature: float = 0.0      # 0 = greedy
+    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    save_every: int = 50               # iterations between checkpoints (and at the end)
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/default"
+    tensorboard: bool = True           # when installed
+    stop_after: int | None = None      # stop after this iteration as if interrupted (resume later)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def episodes_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+    @property
+    def whiten(self) -> bool:
+        if self.whiten_advantages == "auto":
+            return self.algo in ("vineppo", "ppo")
+        return bool(self.whiten_advantages)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on any value that would fail later; returns self."""
+        from engine.rl.loss import Aggregation, KLEstimator  # the loss module owns these names
+        from engine.tasks import TASKS
+
+        missing = [f.name for f in fields(self) if getattr(self, f.name) == REQUIRED]
+        if missing:
+            raise ConfigError(f"the preset needs a value for {', '.join(missing)} (e.g. --{missing[0].replace('_', '-')} ...)")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(sorted(TASKS))}")
+        if self.model is not None and not Path(self.model).is_dir():
+            raise ConfigError(f"model directory {self.model} does not exist")
+        if self.step_split not in ("task", "newline", "math", "chunks"):
+            raise ConfigError(f"step_split must be task, newline, math or chunks; got {self.step_split!r}")
+        positive = ["iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+                    "minibatch_size", "micro_batch_size", "chunk_tokens", "page_size", "max_num_seqs",
+                    "max_batch_tokens", "eval_every", "eval_items", "eval_samples", "save_every",
+                    "keep_checkpoints", "sft_batch_size"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"k (MC rollouts per state) must be an integer >= 1, got {self.k!r}")
+        for name in ("max_states_per_response", "mc_max_new_tokens", "eval_max_new_tokens", "stop_after",
+                     "kv_cache_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
+            raise ConfigError(f"sft_steps must be an integer >= 0, got {self.sft_steps!r}")
+        n = self.episodes_per_iteration
+        if n % self.minibatch_size:
+            raise ConfigError(
+                f"a batch of {n} episodes ({self.prompts_per_iteration} prompts x {self.samples_per_prompt} samples) "
+                f"does not divide into minibatches of {self.minibatch_size}")
+        if self.minibatch_size % self.micro_batch_size:
+            raise ConfigError(f"minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size}")
+        if self.algo in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ConfigError(f"{self.algo} compares the samples of a prompt: samples_per_prompt must be >= 2, "
+                              f"got {self.samples_per_prompt}")
+        for name in ("lr", "sft_lr", "temperature"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_temperature < 0:
+            raise ConfigError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if self.kl_estimator not in get_args(KLEstimator):
+            raise ConfigError(f"kl_estimator must be one of {get_args(KLEstimator)}, got {self.kl_estimator!r}")
+        for name in ("kl_aggregation", "loss_aggregation"):
+            if getattr(self, name) not in get_args(Aggregation):
+                raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
+        if self.whiten_advantages not in ("auto", True, False):
+            raise ConfigError(f"whiten_advantages must be auto, true or false, got {self.whiten_advantages!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+FIELD_TYPES = {f.name: f for f in fields(TrainConfig)}
+
+
+def preset_path(preset: str) -> Path:
+    """engine/presets/<preset>.yaml, or `preset` itself when it is a YAML file path."""
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"preset file {p} does not exist")
+        return p
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(known)} (or a path to a .yaml file)")
+    return path
+
+
+def load_config(preset: str = "default", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The preset's values, then `overrides` on top; unknown keys raise ConfigError. Validated."""
+    path = preset_path(preset)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"preset {path} must be a mapping of config keys, got {type(values).__name__}")
+    merged = {**values, **(overrides or {})}
+    unknown = sorted(set(merged) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} (in preset {path.name} or the command line); "
+                          f"valid keys: {', '.join(FIELD_TYPES)}")
+    if "adam_betas" in merged:
+        merged["adam_betas"] = tuple(merged["adam_betas"])
+    return TrainConfig(**merged).validate()
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A command-line string as the type of config field `name` (YAML syntax: 1e-6, true, null, {a: 1})."""
+    value = yaml.safe_load(text)
+    default = FIELD_TYPES[name].default
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if name in ("task_args", "tiny_model_args") and not isinstance(value, dict):
+        raise ConfigError(f"--{name.replace('_', '-')} takes a mapping such as '{{steps: 3}}', got {text!r}")
+    return value
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_run(run_dir: str | Path) -> dict[str, Any]:
+    """The config a run was started with (its config.yaml), as a dict."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist")
+    return yaml.safe_load(path.read_text())
+
+

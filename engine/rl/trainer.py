@@ -1,0 +1,570 @@
+"""The RL loop: sample -> values -> advantages -> PPO update, on ONE set of weights.
+
+    trainer = Trainer(load_config("smoke"))
+    summary = trainer.run()
+
+Per iteration:
+1. sample `samples_per_prompt` responses for `prompts_per_iteration` train prompts through the
+   Engine (the responses stay in its prefix cache) and grade them;
+2. values: VinePPO forks K rollouts from each step boundary of each response (cache hits);
+   PPO runs its critic; GRPO and RLOO compare the samples of a prompt;
+3. advantages per token (engine.rl.advantages);
+4. old and reference log-probs at the sampling temperature (no grad), then `epochs` passes over
+   shuffled minibatches; each minibatch is one AdamW step, accumulated over micro-batches with
+   the minibatch's global token/sequence counts as the loss normalisers;
+5. `engine.invalidate_cache()`: the Engine reads the same parameter tensors the optimizer just
+   changed (it holds the module, not a copy), so its cached KV is now stale.
+
+Held-out evaluation every `eval_every` iterations; one metrics row per iteration in
+<run_dir>/metrics.jsonl; checkpoints (HF model + optimizer, scheduler, RNG and critic state)
+every `save_every` iterations; `resume=True` continues from the latest one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.model import Transformer, create_tiny_checkpoint, load_model
+from engine.rl import advantages as adv_lib
+from engine.rl.config import TrainConfig, config_from_run, dump_config
+from engine.rl.loss import ppo_loss
+from engine.rl.optim import AdamW, warmup_linear_decay
+from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
+from engine.rl.steps import step_token_ends
+from engine.runtime import Engine, SamplingParams
+from engine.tasks import Item, Task, load_task
+from kernels.fused_logprobs import fused_logprobs
+
+STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",)}
+STATE_FILE = "trainer_state.pt"
+GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the update was not applied and the last checkpoint stands."""
+
+
+class ValueModel(nn.Module):
+    """PPO's critic: a transformer body (initialised from the policy) and a scalar value head."""
+
+    def __init__(self, body: Transformer):
+        super().__init__()
+        self.body = body
+        w = body.lm_head_weight
+        self.head = nn.Linear(body.config.hidden_size, 1, device=w.device, dtype=torch.float32)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        hidden = self.body.hidden_states(ids, cu_seqlens=cu)[0][rows]
+        return self.head(hidden.float()).squeeze(-1)
+
+
+@dataclass
+class Packed:
+    """Episodes packed back to back for one training forward (no padding)."""
+
+    ids: torch.Tensor      # [1, T] prompt + response tokens of every episode
+    cu: torch.Tensor       # [S + 1] sequence starts
+    rows: torch.Tensor     # [N] positions whose hidden state predicts a response token
+    targets: torch.Tensor  # [N] the response tokens
+    lengths: list[int]     # response length per episode
+
+    @classmethod
+    def build(cls, episodes: Sequence[Episode], device: torch.device) -> "Packed":
+        ids, rows, targets, lengths, cu, start = [], [], [], [], [0], 0
+        for ep in episodes:
+            p, r = len(ep.prompt_ids), len(ep.response_ids)
+            ids += ep.prompt_ids + ep.response_ids
+            rows.append(torch.arange(start + p - 1, start + p + r - 1))
+            targets += ep.response_ids
+            lengths.append(r)
+            start += p + r
+            cu.append(start)
+        t = lambda x: torch.as_tensor(x, dtype=torch.long).to(device)  # noqa: E731
+        return cls(t(ids)[None], t(cu), torch.cat(rows).to(device), t(targets), lengths)
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """[N] per-token values -> [S, max_len], zero-padded on the right."""
+        return nn.utils.rnn.pad_sequence(list(flat.split(self.lengths)), batch_first=True)
+
+    def mask(self) -> torch.Tensor:
+        return self.pad(torch.ones(len(self.targets), dtype=torch.bool, device=self.targets.device))
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {cfg.device} was asked for but CUDA is not available")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate needs the nested tuples back (a saved state may come back as lists)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Trainer:
+    """VinePPO / PPO / GRPO / RLOO on a model the Engine samples from directly."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.progress = progress
+        self.run_dir = Path(cfg.run_dir)
+        self.device, self.dtype = resolve_device(cfg)
+        self.task: Task = load_task(cfg.task, **cfg.task_args)
+        self.stop = STOP_STRINGS.get(cfg.task, ())
+        self.train_items: list[Item] = self.task.items("train")
+        self.eval_items: list[Item] = self.task.items("test")[: cfg.eval_items]
+        self.iteration = 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            saved = config_from_run(self.run_dir)
+            if {k: v for k, v in saved.items() if k not in ("iterations", "stop_after")} != \
+                    {k: v for k, v in cfg.to_dict().items() if k not in ("iterations", "stop_after")}:
+                raise ValueError(f"--resume: the config differs from the one {self.run_dir} was started with "
+                                 f"(only iterations and stop_after may change)")
+        dump_config(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        start_dir = self._initial_policy()
+        self.policy, self.tokenizer = load_model(start_dir, dtype=self.dtype, device=self.device)
+        if self.tokenizer is None:
+            raise ValueError(f"{start_dir} has no tokenizer files; the trainer needs one to read and grade responses")
+        self.policy.gradient_checkpointing = cfg.gradient_checkpointing
+        self.ref = self._frozen_copy(start_dir) if cfg.kl_coef > 0 else None
+        self.critic: ValueModel | None = None
+        if cfg.algo == "ppo":
+            body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
+            body.gradient_checkpointing = cfg.gradient_checkpointing
+            self.critic = ValueModel(body)
+        self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration // cfg.minibatch_size)
+        total = cfg.iterations * self.steps_per_iteration
+        self.opt = AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(total, cfg.warmup_ratio))
+        if self.critic is not None:
+            self.critic_opt = AdamW(self.critic.parameters(), lr=cfg.critic_lr or cfg.lr, betas=cfg.adam_betas)
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio))
+        # The Engine holds the policy module itself: same parameter tensors, no copy.
+        self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
+                             max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            self._load_latest()
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self._tb = self._tensorboard() if cfg.tensorboard else None
+
+    # ------------------------------------------------------------------ setup
+    def _initial_policy(self) -> Path:
+        """The checkpoint RL starts from (also the frozen reference): the model, after SFT if asked."""
+        cfg = self.cfg
+        if cfg.model is None:
+            base = self.run_dir / "init"
+            if not (base / "config.json").exists():
+                create_tiny_checkpoint(base, seed=cfg.seed, **cfg.tiny_model_args)
+        else:
+            base = Path(cfg.model)
+        if cfg.sft_steps == 0:
+            return base
+        sft_dir = self.run_dir / "sft"
+        if (sft_dir / "sft_done.json").exists():
+            return sft_dir
+        from engine.sft import sft  # the SFT stage shares the optimizer code, not the RL loop
+
+        model, tok = load_model(base, dtype=self.dtype, device=self.device)
+        t0 = time.perf_counter()
+        losses = sft(model, tok, self.task, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                     seed=cfg.seed, progress=self.progress)
+        model.save_pretrained(str(sft_dir), tokenizer=tok)
+        (sft_dir / "sft_done.json").write_text(json.dumps(
+            {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
+             "seconds": round(time.perf_counter() - t0, 1)}))
+        return sft_dir
+
+    def _frozen_copy(self, path: Path) -> Transformer:
+        ref, _ = load_model(path, dtype=self.dtype, device=self.device)
+        ref.eval().requires_grad_(False)
+        return ref
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        """Train until `iterations` (or `stop_after`); returns the last metrics row."""
+        cfg = self.cfg
+        row: dict = {}
+        if self.iteration == 0:
+            row = self._log({"iteration": 0, **self.evaluate()})
+        last = min(cfg.iterations, cfg.stop_after or cfg.iterations)
+        bar = tqdm(range(self.iteration + 1, last + 1), desc=f"{cfg.algo} iterations", disable=not self.progress,
+                   initial=self.iteration, total=cfg.iterations)
+        for it in bar:
+            self.iteration = it
+            row = self.train_iteration()
+            if it % cfg.eval_every == 0 or it == cfg.iterations:
+                row.update(self.evaluate())
+            self._log(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **(
+                {"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
+            if it % cfg.save_every == 0 or it == last:
+                self.save_checkpoint()
+        if self.iteration == cfg.iterations:
+            from engine.rl.plots import plot_metrics
+
+            plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
+            final = self.run_dir / "final"
+            self.policy.save_pretrained(str(final), tokenizer=self.tokenizer)
+        if self._tb is not None:
+            self._tb.close()
+        return row
+
+    def _items_for(self, iteration: int) -> list[Item]:
+        """The iteration's prompts: a shuffle of the train set seeded by (seed, iteration), first N."""
+        rng = random.Random(f"prompts-{self.cfg.seed}-{iteration}")
+        n = self.cfg.prompts_per_iteration
+        return rng.sample(self.train_items, n) if n <= len(self.train_items) else rng.choices(self.train_items, k=n)
+
+    def train_iteration(self) -> dict:
+        cfg, row = self.cfg, {"iteration": self.iteration}
+        times: dict[str, float] = {}
+        self.engine.invalidate_cache()  # KV of the last evaluation is of no use here
+        self.policy.eval()
+
+        t0 = time.perf_counter()
+        self.engine.stats.reset()
+        params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, stop=self.stop)
+        episodes = sample_episodes(self.engine, self.task, self._items_for(self.iteration), params, self.progress)
+        times["sample"] = time.perf_counter() - t0
+        row["sample_tokens_per_s"] = sum(e.num_tokens for e in episodes) / times["sample"]
+
+        t0 = time.perf_counter()
+        self.engine.stats.reset()
+        mc = self._values_and_advantages(episodes)
+        times["values"] = time.perf_counter() - t0
+        if mc is not None:
+            s = self.engine.stats
+            row.update(mc_states=mc.states, mc_states_requested=mc.states_requested, mc_backfilled=mc.backfilled,
+                       mc_rollouts=mc.rollouts, mc_truncated_frac=mc.truncated / max(1, mc.rollouts),
+                       value_mean=mc.value_mean, mc_tokens_per_s=mc.rollout_tokens / times["values"],
+                       prefix_cache_hit_rate=s.cached_tokens / max(1, s.cached_tokens + s.prefill_tokens),
+                       mc_prefill_tokens=s.prefill_tokens, mc_cached_tokens=s.cached_tokens,
+                       steps_per_response=float(np.mean([len(e.step_ends) for e in episodes])))
+
+        t0 = time.perf_counter()
+        self._logprobs(episodes)
+        times["logprobs"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        update = self._update(episodes)
+        times["update"] = time.perf_counter() - t0
+        self.engine.invalidate_cache()  # the weights changed in place: cached KV is stale
+
+        update_tokens = update.pop("tokens")
+        rewards = np.array([e.reward for e in episodes])
+        all_adv = torch.cat([e.advantages for e in episodes])
+        row.update(
+            reward_mean=float(rewards.mean()), train_accuracy=float((rewards == 1.0).mean()),
+            response_length=float(np.mean([e.num_tokens for e in episodes])),
+            truncated_frac=float(np.mean([e.finish_reason == "length" for e in episodes])),
+            adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if all_adv.numel() > 1 else 0.0,
+            adv_abs_mean=float(all_adv.abs().mean()), adv_zero_frac=float((all_adv == 0).float().mean()),
+            **update,
+            **{f"time_{k}": round(v, 3) for k, v in times.items()},
+            update_tokens_per_s=update_tokens * cfg.epochs / max(times["update"], 1e-9),
+            lr=self.sched.get_last_lr()[0],
+        )
+        return row
+
+    # ------------------------------------------------------------------ values and advantages
+    def _values_and_advantages(self, episodes: list[Episode]) -> MCStats | None:
+        cfg = self.cfg
+        groups: dict[int, list[Episode]] = {}
+        for ep in episodes:
+            groups.setdefault(ep.group, []).append(ep)
+        if cfg.algo == "vineppo":
+            for ep in episodes:
+                ep.step_ends = self._step_ends(ep)
+            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.mc_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
+            stats = mc_values(self.engine, self.task, episodes, k=cfg.k, params=params,
+                              max_states=cfg.max_states_per_response, progress=self.progress)
+            for ep in episodes:
+                step_adv = adv_lib.vineppo_step_advantages(ep.state_values, ep.reward)
+                ep.advantages = adv_lib.broadcast_steps(step_adv, ep.step_ends)
+            return stats
+        if cfg.algo == "ppo":
+            with torch.no_grad():
+                for chunk in _chunks(episodes, cfg.micro_batch_size):
+                    packed = Packed.build(chunk, self.device)
+                    values = self.critic(packed.ids, packed.cu, packed.rows).float().cpu()
+                    for ep, v in zip(chunk, values.split(packed.lengths)):
+                        ep.old_values = v
+                        ep.advantages, ep.returns = adv_lib.gae_advantages(v, ep.reward, cfg.gamma, cfg.gae_lambda)
+            return None
+        for members in groups.values():
+            rewards = [e.reward for e in members]
+            if cfg.algo == "grpo":
+                values = adv_lib.grpo_advantages(rewards, scale_by_std=cfg.grpo_scale_by_std)
+            else:
+                values = adv_lib.rloo_advantages(rewards)
+            for ep, a in zip(members, values):
+                ep.advantages = torch.full((ep.num_tokens,), float(a))
+                if cfg.algo == "grpo" and not cfg.grpo_scale_by_std:
+                    # Dr.GRPO divides each sequence's token-summed loss by a constant (the
+                    # generation budget) instead of its length; the clipped surrogate is linear
+                    # in A, so scaling A by that constant under seq-mean-token-sum is the same.
+                    ep.advantages /= cfg.max_new_tokens
+        return None
+
+    def _step_ends(self, ep: Episode) -> list[int]:
+        cfg = self.cfg
+        if cfg.step_split == "chunks":
+            return step_token_ends(ep.response_ids, self.tokenizer, chunk_tokens=cfg.chunk_tokens)
+        style = self.task.step_style if cfg.step_split == "task" else cfg.step_split
+        return step_token_ends(ep.response_ids, self.tokenizer, style)
+
+    # ------------------------------------------------------------------ log-probs
+    def _token_logprobs(self, model: Transformer, packed: Packed, with_entropy: bool = False):
+        hidden = model.hidden_states(packed.ids, cu_seqlens=packed.cu)[0][packed.rows]
+        return fused_logprobs(hidden, model.lm_head_weight, packed.targets, self.cfg.temperature, with_entropy)
+
+    @torch.no_grad()
+    def _logprobs(self, episodes: list[Episode]) -> None:
+        """Old (behaviour) and reference log-probs of every response token, and the policy's entropy."""
+        for chunk in _chunks(episodes, self.cfg.micro_batch_size):
+            packed = Packed.build(chunk, self.device)
+            lp, ent = self._token_logprobs(self.policy, packed, with_entropy=True)
+            ref = self._token_logprobs(self.ref, packed) if self.ref is not None else None
+            for i, ep in enumerate(chunk):
+                ep.old_logprobs = lp.split(packed.lengths)[i].float().cpu()
+                ep.entropy = ent.split(packed.lengths)[i].float().cpu()
+                ep.ref_logprobs = ref.split(packed.lengths)[i].float().cpu() if ref is not None else None
+
+    # ------------------------------------------------------------------ update
+    def _update(self, episodes: list[Episode]) -> dict:
+        cfg = self.cfg
+        rng = random.Random(f"minibatches-{cfg.seed}-{self.iteration}")
+        self.policy.train()
+        sums: dict[str, float] = {}
+        count = 0
+
+        def add(name: str, value: float) -> None:
+            sums[name] = sums.get(name, 0.0) + value
+
+        for epoch in range(cfg.epochs):
+            order = list(range(len(episodes)))
+            rng.shuffle(order)
+            for mb_start in range(0, len(order), cfg.minibatch_size):
+                minibatch = [episodes[i] for i in order[mb_start: mb_start + cfg.minibatch_size]]
+                stats = self._minibatch_step(minibatch, epoch, mb_start // cfg.minibatch_size)
+                for k, v in stats.items():
+                    add(k, v)
+                count += 1
+        self.policy.eval()
+        out = {k: v / count for k, v in sums.items()}
+        out["tokens"] = sum(e.num_tokens for e in episodes)
+        out["entropy"] = float(torch.cat([e.entropy for e in episodes]).mean())
+        if self.ref is not None:
+            lp = torch.cat([e.old_logprobs for e in episodes])
+            ref = torch.cat([e.ref_logprobs for e in episodes])
+            d = ref - lp
+            out["kl_ref"] = float((torch.exp(d) - d - 1).mean())  # k3 on the sampled tokens, before the update
+        return out
+
+    def _minibatch_step(self, minibatch: list[Episode], epoch: int, index: int) -> dict[str, float]:
+        cfg = self.cfg
+        where = f"iteration {self.iteration}, epoch {epoch}, minibatch {index}"
+        adv = {id(e): e.advantages for e in minibatch}
+        if cfg.whiten:
+            flat = torch.cat([e.advantages for e in minibatch])
+            white = adv_lib.whiten(flat, torch.ones_like(flat, dtype=torch.bool))
+            adv = {id(e): a for e, a in zip(minibatch, white.split([e.num_tokens for e in minibatch]))}
+        num_tokens = sum(e.num_tokens for e in minibatch)
+        num_seqs = len(minibatch)
+        self.opt.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic_opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in _chunks(minibatch, cfg.micro_batch_size):
+            packed = Packed.build(micro, self.device)
+            mask = packed.mask()
+            pad = lambda xs: packed.pad(torch.cat(xs).to(self.device))  # noqa: E731
+            need_entropy = cfg.entropy_coef != 0
+            out = self._token_logprobs(self.policy, packed, with_entropy=need_entropy)
+            lp, ent = out if need_entropy else (out, None)
+            loss, st = ppo_loss(
+                packed.pad(lp), pad([e.old_logprobs for e in micro]), pad([adv[id(e)] for e in micro]), mask,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                ref_logprobs=pad([e.ref_logprobs for e in micro]) if self.ref is not None else None,
+                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_aggregation=cfg.kl_aggregation,
+                entropy=packed.pad(ent) if ent is not None else None, entropy_coef=cfg.entropy_coef,
+                aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
+                                       f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+            loss.backward()
+            share = mask.sum().item() / num_tokens
+            for k, v in st.scalars().items():
+                if k == "ratio_max":
+                    totals[k] = max(totals.get(k, 0.0), v)
+                elif k in GLOBALLY_NORMALISED:  # already divided by the minibatch's counts
+                    totals[k] = totals.get(k, 0.0) + v
+                else:  # token means of this micro-batch -> token mean of the minibatch
+                    totals[k] = totals.get(k, 0.0) + v * share
+            if self.critic is not None:
+                totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
+                                   f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
+        self.opt.step()
+        self.sched.step()
+        if self.critic is not None:
+            totals["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip))
+            self.critic_opt.step()
+            self.critic_sched.step()
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    def _critic_backward(self, micro: list[Episode], packed: Packed, num_tokens: int) -> float:
+        """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean over the minibatch."""
+        values = self.critic(packed.ids, packed.cu, packed.rows)
+        old = torch.cat([e.old_values for e in micro]).to(values.device)
+        ret = torch.cat([e.returns for e in micro]).to(values.device)
+        clipped = old + (values - old).clamp(-self.cfg.value_clip, self.cfg.value_clip)
+        loss = 0.5 * torch.maximum((values - ret).square(), (clipped - ret).square()).sum() / num_tokens
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite value loss at iteration {self.iteration}; the last checkpoint is kept")
+        loss.backward()
+        return loss.item()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out accuracy (mean reward over eval_samples samples per item) through the Engine."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.policy.eval()
+        params = SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=1.0,
+                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
+        # Evaluation draws from its own seeded generators, so it never moves the training RNG.
+        if cfg.eval_temperature > 0:
+            params = dataclasses.replace(params, seed=cfg.seed)
+        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], params, progress=self.progress)
+        rewards = [self.task.reward(c.text, it, c.finish_reason) for it, cs in zip(self.eval_items, outs) for c in cs]
+        acc = sum(rewards) / len(rewards)
+        return {"eval_accuracy": acc, "eval_stderr": math.sqrt(acc * (1 - acc) / len(self.eval_items)),
+                "time_eval": round(time.perf_counter() - t0, 3)}
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, row: dict) -> dict:
+        row = {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for k, v in row.items()}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self._tb.add_scalar(k, v, row["iteration"])
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune."""
+        root = self.run_dir / "checkpoints"
+        path = root / f"iter_{self.iteration:06d}"
+        tmp = root / f".tmp_iter_{self.iteration:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer)
+        state = {"iteration": self.iteration, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": _rng_state()}
+        if self.critic is not None:
+            self.critic.body.save_pretrained(str(tmp / "critic"))
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in self.critic.head.state_dict().items()}, str(tmp / "critic" / "value_head.safetensors"))
+            state.update(critic_optimizer=self.critic_opt.state_dict(), critic_scheduler=self.critic_sched.state_dict())
+        torch.save(state, tmp / STATE_FILE)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # a checkpoint directory exists only once complete
+        (root / "latest").write_text(path.name)
+        kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
+        for old in kept[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _load_latest(self) -> None:
+        root = self.run_dir / "checkpoints"
+        pointer = root / "latest"
+        if not pointer.exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint in {root}")
+        path = root / pointer.read_text().strip()
+        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
+        with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
+            for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
+                p.copy_(q)
+        # weights_only: plain tensors and containers, no code runs from the file.
+        state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            body, _ = load_model(path / "critic", dtype=self.dtype, device=self.device)
+            self.critic.body.load_state_dict(body.state_dict())
+            from safetensors.torch import load_file
+            self.critic.head.load_state_dict(load_file(str(path / "critic" / "value_head.safetensors"), device=str(self.device)))
+            self.critic_opt.load_state_dict(state["critic_optimizer"])
+            self.critic_sched.load_state_dict(state["critic_scheduler"])
+        _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+        self.iteration = int(state["iteration"])
+        if self.metrics_path.exists():  # drop rows written after the checkpoint (an interrupted iteration)
+            rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration))
+        self.engine.invalidate_cache()
+
+
+def _chunks(xs: list, size: int):
+    for i in range(0, len(xs), size):
+        yield xs[i: i + size]

@@ -1,0 +1,209 @@
+"""The RL loop end to end on a tiny model: every algorithm, MC values through the Engine,
+shared parameters, resume, divergence handling and bad configs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.model import create_tiny_checkpoint, load_model
+from engine.rl.config import ConfigError, load_config
+from engine.rl.rollout import Episode, mc_values, sample_episodes
+from engine.rl.steps import step_token_ends
+from engine.rl.trainer import Trainer, TrainingDiverged
+from engine.runtime import Engine, SamplingParams
+from engine.tasks import ArithmeticTask
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16}
+FAST = dict(
+    task_args={"steps": 1, "max_operand": 9, "n_test": 16, "n_train": 64}, tiny_model_args=TINY,
+    sft_steps=0, iterations=2, prompts_per_iteration=4, samples_per_prompt=2, max_new_tokens=12, k=2,
+    epochs=2, minibatch_size=4, micro_batch_size=2, lr=1e-3, warmup_ratio=0.0, eval_every=1, eval_items=4,
+    save_every=1, kv_cache_tokens=4096, tensorboard=False,
+)
+
+
+class _DigitTask(ArithmeticTask):
+    """Reward 1 when the response has a digit: a random tiny model earns it about half the time,
+    so the advantages (and the updates) of a short test run are not all zero."""
+
+    def reward(self, response, item, finish_reason="stop"):
+        return 1.0 if any(c.isdigit() for c in response) else 0.0
+
+
+def make_trainer(cfg, **kw) -> Trainer:
+    trainer = Trainer(cfg, progress=False, **kw)
+    trainer.task = _DigitTask(**cfg.task_args)
+    return trainer
+
+
+def fast_config(tmp_path, **overrides):
+    return load_config("smoke", {**FAST, "run_dir": str(tmp_path / "run"), **overrides})
+
+
+def rows_of(trainer: Trainer) -> list[dict]:
+    return [json.loads(x) for x in trainer.metrics_path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["vineppo", "ppo", "grpo", "rloo"])
+def test_two_iterations_of_each_algorithm(tmp_path, algo):
+    trainer = make_trainer(fast_config(tmp_path, algo=algo))
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.run()
+    rows = rows_of(trainer)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        for key in ("reward_mean", "train_accuracy", "eval_accuracy", "kl_ref", "clip_frac", "entropy", "adv_std",
+                    "time_sample", "time_values", "time_update", "sample_tokens_per_s", "update_tokens_per_s",
+                    "grad_norm", "lr"):
+            assert key in r and r[key] == r[key], (algo, key)  # present and not NaN
+    if algo == "vineppo":
+        assert rows[1]["mc_states"] >= 1 and rows[1]["mc_rollouts"] == rows[1]["mc_states"] * 2
+        assert rows[1]["mc_states_requested"] >= rows[1]["mc_states"]
+        assert 0.0 <= rows[1]["prefix_cache_hit_rate"] <= 1.0
+    if algo == "ppo":
+        assert "value_loss" in rows[1]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))  # it trained
+    assert (trainer.run_dir / "curves.png").stat().st_size > 0
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text() == "iter_000002"
+    reloaded, tok = load_model(trainer.run_dir / "final")
+    for p, q in zip(trainer.policy.parameters(), reloaded.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_engine_samples_with_the_optimizers_parameters(tmp_path):
+    trainer = make_trainer(fast_config(tmp_path, iterations=1))
+    engine_params = list(trainer.engine.model.parameters())
+    opt_params = [p for g in trainer.opt.param_groups for p in g["params"]]
+    assert trainer.engine.model is trainer.policy
+    assert len(engine_params) == len(opt_params)
+    assert all(a is b for a, b in zip(engine_params, opt_params))  # the same tensors, not copies
+    ptrs = [p.data_ptr() for p in engine_params]
+    trainer.run()
+    assert [p.data_ptr() for p in trainer.engine.model.parameters()] == ptrs  # updated in place
+    # and what the Engine now samples follows the updated weights (full recompute, cache invalidated)
+    prompt = trainer.tokenizer.encode("Compute 1+2.\n")
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    got = trainer.engine.generate([prompt], greedy)[0][0].token_ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(got)):
+            ids.append(int(trainer.policy(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):len(prompt) + len(got)]
+
+
+class _SevenTask(ArithmeticTask):
+    """Reward 1 when the whole response contains a '7', whatever the finish reason."""
+
+    def reward(self, response, item, finish_reason="stop"):
+        return 1.0 if "7" in response else 0.0
+
+
+def test_mc_values_through_the_engine(tmp_path):
+    create_tiny_checkpoint(tmp_path / "m", seed=3, **TINY)
+    model, tok = load_model(tmp_path / "m")
+    engine = Engine(model, tok, page_size=4, kv_cache_tokens=8192)
+    task = _SevenTask(steps=1, max_operand=5, n_test=8, n_train=8)
+    items = task.items("train")[:3]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=16)
+    torch.manual_seed(0)
+    episodes = sample_episodes(engine, task, items, params)
+    for ep in episodes:
+        ep.step_ends = step_token_ends(ep.response_ids, tok, chunk_tokens=4)
+    k = 5
+    engine.stats.reset()
+    stats = mc_values(engine, task, episodes, k=k, params=SamplingParams(temperature=1.0, max_new_tokens=16))
+    # the prompt state of the 3 samples of an item is estimated once
+    assert stats.states_requested == sum(len(e.step_ends) for e in episodes)
+    assert stats.states <= stats.states_requested - 2 * len(items)
+    assert stats.rollouts == stats.states * k
+    # MC states are prefixes of finished responses: served from the radix cache, not recomputed
+    assert engine.stats.cached_tokens > 10 * engine.stats.prefill_tokens
+    for ep in episodes:
+        assert len(ep.state_values) == len(ep.step_ends)
+        for value, b in zip(ep.state_values, [0] + ep.step_ends[:-1]):
+            assert value * k == pytest.approx(round(value * k))  # a mean of k 0/1 rewards
+            prefix = tok.decode(ep.response_ids[:b], skip_special_tokens=True)
+            if "7" in prefix:  # graded on prefix + rollout: every rollout from here scores 1
+                assert value == 1.0
+
+
+def test_mc_values_cap_backfills_with_the_return(tmp_path):
+    create_tiny_checkpoint(tmp_path / "m", seed=0, **TINY)
+    model, tok = load_model(tmp_path / "m")
+    engine = Engine(model, tok, page_size=4, kv_cache_tokens=4096)
+    task = _SevenTask(steps=1, max_operand=5, n_test=4, n_train=4)
+    item = task.items("train")[0]
+    prompt = tok.encode(task.prompt(item))
+    ep = Episode(group=0, item=item, prompt_ids=prompt, response_ids=tok.encode("1+2=3\n#### 7"), text="1+2=3\n#### 7",
+                 finish_reason="stop", reward=1.0, step_ends=[2, 4, 6, 8, 12])
+    stats = mc_values(engine, task, [ep], k=2, params=SamplingParams(temperature=1.0, max_new_tokens=4), max_states=2)
+    assert stats.states == 2 and stats.backfilled == 3
+    assert ep.state_values[2:] == [1.0, 1.0, 1.0]
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time_") and not k.endswith("_per_s")}
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
+    full = make_trainer(fast_config(tmp_path / "a", iterations=3))
+    full.run()
+    first = make_trainer(fast_config(tmp_path / "b", iterations=3, stop_after=1))
+    first.run()
+    assert [r["iteration"] for r in rows_of(first)] == [0, 1]
+    resumed = make_trainer(fast_config(tmp_path / "b", iterations=3), resume=True)
+    assert resumed.iteration == 1
+    resumed.run()
+    a, b = rows_of(full), rows_of(resumed)
+    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    assert [_comparable(r) for r in a] == [_comparable(r) for r in b]
+    for p, q in zip(full.policy.parameters(), resumed.policy.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    Trainer(fast_config(tmp_path, stop_after=1), progress=False).run()
+    with pytest.raises(ValueError, match="config differs"):
+        Trainer(fast_config(tmp_path, k=3), resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(fast_config(tmp_path, iterations=2))
+    real = trainer._token_logprobs
+
+    def poisoned(model, packed, with_entropy=False):
+        out = real(model, packed, with_entropy)
+        if trainer.iteration == 2 and torch.is_grad_enabled():
+            return out * float("nan") if not with_entropy else (out[0] * float("nan"), out[1])
+        return out
+
+    monkeypatch.setattr(trainer, "_token_logprobs", poisoned)
+    with pytest.raises(TrainingDiverged, match="iteration 2, epoch 0, minibatch 0"):
+        trainer.run()
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text() == "iter_000001"
+    assert not (trainer.run_dir / "checkpoints" / "iter_000002").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"algo": "dpo"}, "unknown algo 'dpo'"),
+    ({"task": "chess"}, "unknown task 'chess'"),
+    ({"model": "/nonexistent/model"}, "model directory /nonexistent/model does not exist"),
+    ({"k": 0}, "k \\(MC rollouts per state\\) must be an integer >= 1"),
+    ({"minibatch_size": 3}, "does not divide into minibatches of 3"),
+    ({"micro_batch_size": 3}, "not a multiple of micro_batch_size 3"),
+    ({"colour": "blue"}, "unknown config key\\(s\\) colour"),
+    ({"algo": "grpo", "samples_per_prompt": 1, "minibatch_size": 4}, "samples_per_prompt must be >= 2"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        fast_config(tmp_path, **overrides)
+
+
+def test_unknown_preset_and_required_model():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: default, gsm8k, math, smoke"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="needs a value for model"):
+        load_config("gsm8k")
