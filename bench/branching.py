@@ -8,6 +8,8 @@ response is a state, and K rollouts run from each state to the response's full l
 VinePPO's MC value estimation does. The model has random weights built from an HF config.
 Timed in the same run: this engine; this engine with prefix_cache=False; transformers'
 `generate` (batched, num_return_sequences). Prints a table, writes bench/results/branching.json.
+--attention-backend and --cuda-graphs pick the engine's attention kernels and decode graphs
+(the resolved choices are recorded next to each engine result).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
 from engine.model import ModelConfig, Transformer, tiny_config
+from engine.runtime.paged_attention import DEFAULT_SHARED_PREFIX_MIN_TOKENS
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -43,9 +46,12 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
 
 
 def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    shared = None if args.shared_prefix_min_tokens == 0 else args.shared_prefix_min_tokens
     engine = Engine(model, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                     max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, attention_backend=args.attention_backend, cuda_graphs=graphs,
+                    shared_prefix_min_tokens=shared)
     sync = torch.cuda.synchronize if model.lm_head_weight.is_cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -61,6 +67,7 @@ def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
                 params.append(SamplingParams(n=args.k, temperature=1.0, seed=len(states),
                                              max_new_tokens=args.response_len - j, ignore_eos=True))
     engine.stats.reset()
+    engine.attention_stats.reset()
     rollouts = engine.generate(states, params, progress=True)
     sync()
     t2 = time.perf_counter()
@@ -68,7 +75,9 @@ def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
     return {"trajectory_s": t1 - t0, "mc_s": t2 - t1, "mc_generated_tokens": generated,
             "mc_tokens_per_s": generated / (t2 - t1), "mc_prefill_tokens": engine.stats.prefill_tokens,
             "mc_cached_tokens": engine.stats.cached_tokens, "mc_forward_steps": engine.stats.forward_steps,
-            "preemptions": engine.stats.preemptions, "states": len(states)}
+            "preemptions": engine.stats.preemptions, "states": len(states),
+            "attention_backend": engine.attention_backend, "cuda_graphs": engine.cuda_graphs,
+            "mc_attention": engine.attention_stats.as_dict()}
 
 
 @torch.no_grad()
@@ -114,6 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto",
+                    help="engine attention kernels (auto: triton on CUDA, torch elsewhere)")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                    help="CUDA graphs for decode steps (auto: on for CUDA + triton; on a CPU 'on' runs the padded "
+                         "static path eagerly)")
+    ap.add_argument("--shared-prefix-min-tokens", type=int, default=DEFAULT_SHARED_PREFIX_MIN_TOKENS,
+                    help="smallest shared prefix that forms a sibling group for the shared-prefix kernel (0: off)")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-transformers", action="store_true")
@@ -132,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nVinePPO workload on {device_name}: {args.prompts} prompts x {args.responses} responses of "
           f"{args.response_len} tokens, states every {args.state_every}, K={args.k}, model {model.num_parameters / 1e6:.1f}M params")
+    eng = results["engine"]
+    print(f"engine attention: {eng['attention_backend']}, cuda graphs: {'on' if eng['cuda_graphs'] else 'off'}, "
+          f"MC steps {eng['mc_forward_steps']} ({eng['mc_attention']['graph_steps']} from graphs, "
+          f"{eng['mc_attention']['shared_prefix_steps']} with shared-prefix groups)")
     print(f"{'method':<24}{'traj s':>9}{'MC s':>9}{'MC tok/s':>11}{'MC prefill':>12}{'cached':>10}{'MC speedup':>12}")
     for name, r in results.items():
         print(f"{name:<24}{r['trajectory_s']:>9.2f}{r['mc_s']:>9.2f}{r['mc_tokens_per_s']:>11.0f}"

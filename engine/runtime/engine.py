@@ -8,10 +8,17 @@ very parameters it samples with. KV lives in a paged pool; every prompt is match
 a radix tree of cached prefixes and only its unmatched suffix is computed; the n samples of
 a prompt share its KV (one prefill, then a fork); finished sequences stay cached, so
 continuing a prompt + partial completion costs at most one page of prefill.
+
+Attention backends: "triton" (the kernels in kernels/: paged decode with split-K, shared-prefix
+decode for sibling groups, paged extend; the default on CUDA) and "torch" (the SDPA reference,
+the default elsewhere). On CUDA with Triton, decode-only steps replay CUDA graphs
+(engine/runtime/cuda_graphs.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from typing import Sequence as Seq
 
 import torch
@@ -19,7 +26,13 @@ from tqdm import tqdm
 
 from engine.cache import PageAllocator, RadixTree
 from engine.model.transformer import Transformer
-from engine.runtime.paged_attention import KVPool, PagedBatch, TorchPagedAttention
+from engine.runtime.paged_attention import (
+    DEFAULT_SHARED_PREFIX_MIN_TOKENS,
+    AttentionStats,
+    KVPool,
+    PagedBatch,
+    TorchPagedAttention,
+)
 from engine.runtime.params import Completion, EngineStats, SamplingParams
 from engine.runtime.sampler import sample
 from engine.runtime.scheduler import Scheduler
@@ -28,6 +41,7 @@ from engine.runtime.sequence import Sequence, Status
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_DEFAULT_KV_TOKENS = 1 << 16
 CPU_MAX_KV_BYTES = 1 << 30
+_warned: set[str] = set()
 
 
 class Engine:
@@ -35,6 +49,18 @@ class Engine:
 
     kv_cache_tokens sizes the KV pool in tokens; without it the pool takes
     kv_memory_fraction of the free GPU memory, or on CPU min(65,536 tokens, 1 GiB).
+
+    attention_backend: "auto" (triton on CUDA when triton imports, torch elsewhere), "torch"
+    or "triton"; the ENGINE_ATTENTION_BACKEND environment variable overrides it. "triton" on
+    a CPU runs the kernels in Triton's interpreter when TRITON_INTERPRET=1 was set before
+    triton was imported, and their torch references otherwise (with a warning).
+    cuda_graphs: replay CUDA graphs for decode-only steps; None = on for CUDA + triton, off
+    elsewhere; ENGINE_CUDA_GRAPHS=0 / 1 overrides. Needs the triton backend. On a CPU, True
+    runs the same static-buffer, padded path eagerly (what the CPU tests check). Graphs
+    reserve one page of the pool as scratch space for padding rows.
+    shared_prefix_min_tokens: decode rows next to each other in the batch that share at
+    least this many leading KV tokens (whole pages) form a sibling group whose prefix the
+    triton backend reads once per group; None turns sibling groups off.
     """
 
     def __init__(
@@ -49,6 +75,8 @@ class Engine:
         kv_memory_fraction: float = 0.9,
         attention_backend: str = "auto",
         prefix_cache: bool = True,
+        cuda_graphs: bool | None = None,
+        shared_prefix_min_tokens: int | None = DEFAULT_SHARED_PREFIX_MIN_TOKENS,
     ):
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
                             ("max_batch_tokens", max_batch_tokens)):
@@ -59,13 +87,23 @@ class Engine:
         backend = os.environ.get("ENGINE_ATTENTION_BACKEND", attention_backend)
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-        if backend == "triton":
-            raise NotImplementedError("the Triton attention backend is not built yet; use 'torch' or 'auto'")
+        min_tokens = shared_prefix_min_tokens
+        if min_tokens is not None and (not isinstance(min_tokens, int) or min_tokens < 1):
+            raise ValueError(f"shared_prefix_min_tokens must be None or an integer >= 1, got {min_tokens!r}")
         self.model, self.tokenizer = model, tokenizer
         self.config = cfg = model.config
         weight = model.lm_head_weight
         self.device, self.dtype = weight.device, weight.dtype
         self.page_size = page_size
+        self.attention_backend = _resolve_backend(backend, self.device)
+        self.cuda_graphs = _resolve_cuda_graphs(cuda_graphs, self.attention_backend, self.device)
+        self.shared_prefix_min_tokens = shared_prefix_min_tokens
+        self._scale = cfg.head_dim ** -0.5  # SDPA's default, as in TorchPagedAttention
+        # A window as long as the context never binds: such layers count as full attention
+        # (so the triton backend may serve them with the shared-prefix kernel).
+        self._kernel_windows = [None if w is not None and w >= cfg.max_position_embeddings else w
+                                for w in cfg.sliding_windows]
+        reserved = 1 if self.cuda_graphs else 0  # the graphs' scratch page
         bytes_per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         if kv_cache_tokens is None:
             if self.device.type == "cuda":
@@ -74,13 +112,17 @@ class Engine:
             else:
                 kv_cache_tokens = min(CPU_DEFAULT_KV_TOKENS, CPU_MAX_KV_BYTES // bytes_per_token)
         num_pages = kv_cache_tokens // page_size
-        if num_pages < 2:
+        if num_pages < 2 + reserved:
             raise ValueError(
-                f"KV pool of {kv_cache_tokens} tokens holds {num_pages} page(s) of {page_size}; at least 2 are needed"
+                f"KV pool of {kv_cache_tokens} tokens holds {num_pages} page(s) of {page_size}; at least "
+                f"{2 + reserved} are needed" + (" (one is the CUDA graphs' scratch page)" if reserved else "")
             )
         self.pool = KVPool(cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim,
                            self.dtype, self.device)
         self.allocator = PageAllocator(num_pages, page_size)
+        # The scratch page: allocated now and never released, so no sequence or tree node owns it.
+        self.scratch_page = self.allocator.allocate(1)[0] if reserved else None
+        self._reserved_pages = reserved
         self.tree = RadixTree(self.allocator)
         self.stats = EngineStats()
         self.scheduler = Scheduler(self.allocator, self.tree, self.pool, self.stats, max_num_seqs=max_num_seqs,
@@ -88,11 +130,24 @@ class Engine:
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._weights_version = self._weights_fingerprint()
         self._next_seq_id = 0
+        self.attention_stats = AttentionStats()
+        self._graphs = None
+        if self.cuda_graphs:
+            from engine.runtime.cuda_graphs import DecodeGraphRunner
+
+            self._graphs = DecodeGraphRunner(model, self.pool, page_size=page_size, windows=self._kernel_windows,
+                                             scale=self._scale, max_batch=max_num_seqs, scratch_page=self.scratch_page,
+                                             capture=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ public API
     @property
     def kv_cache_tokens(self) -> int:
-        return self.allocator.num_pages * self.page_size
+        """Tokens the pool can give to sequences (the graphs' scratch page excluded)."""
+        return self.usable_pages * self.page_size
+
+    @property
+    def usable_pages(self) -> int:
+        return self.allocator.num_pages - self._reserved_pages
 
     def invalidate_cache(self) -> None:
         """Forget all cached KV. Call it after every weight update.
@@ -126,6 +181,8 @@ class Engine:
         version, firsts = self._weights_fingerprint()
         if version != self._weights_version[0] or not torch.equal(firsts, self._weights_version[1]):
             self.invalidate_cache()  # weights were updated in place since the cache was filled
+        if self._graphs is not None:
+            self._graphs.ensure_valid()
         groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]
         for leader in groups:
             self.scheduler.add(leader[0])
@@ -145,10 +202,15 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             raise RuntimeError("scheduler made no progress (KV pool or limits too small for any sequence)")
-        meta = PagedBatch.build([(s.page_table, a, b) for s, a, b in batch], self.page_size, self.device)
-        ids = torch.tensor([t for s, a, b in batch for t in s.tokens[a:b]], device=self.device)
-        ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows)
-        hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
+        entries = [(s.page_table, a, b) for s, a, b in batch]
+        token_ids = [t for s, a, b in batch for t in s.tokens[a:b]]
+        if self.attention_backend == "triton":
+            hidden = self._triton_forward(entries, token_ids)
+        else:
+            meta = PagedBatch.build(entries, self.page_size, self.device)
+            ids = torch.tensor(token_ids, device=self.device)
+            ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows)
+            hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
         self.stats.forward_steps += 1
 
         to_sample: list[tuple[Sequence, int]] = []  # (sequence, row of `hidden`)
@@ -181,6 +243,28 @@ class Engine:
                 self.scheduler.finish(seq, reason)
                 finished += 1
         return finished
+
+    def _triton_forward(self, entries: list[tuple[list[int], int, int]], token_ids: list[int]) -> torch.Tensor:
+        """Hidden states [N, d] of the step's new tokens through the Triton kernels (or a graph)."""
+        from engine.runtime.triton_attention import TritonBatch, TritonPagedAttention
+
+        windows = self._kernel_windows
+        # Sibling groups only help layers without a window (windowed layers use decode_attention).
+        min_tokens = self.shared_prefix_min_tokens if any(w is None for w in windows) else None
+        host = TritonBatch.build(entries, self.page_size, shared_prefix_min_tokens=min_tokens)
+        st = self.attention_stats
+        if self._graphs is not None and self._graphs.fits(host):
+            st.graph_steps += 1
+            st.graph_padded_rows += self._graphs.padded_size(host.num_decode) - host.num_decode
+            return self._graphs.run(token_ids, host)
+        if host.group_offsets is not None:
+            st.shared_prefix_steps += 1
+            st.shared_prefix_groups += host.num_groups
+            st.shared_prefix_rows += host.grouped_rows
+        meta = host.to(self.device)
+        ids = torch.tensor(token_ids, device=self.device)
+        ctx = TritonPagedAttention(self.pool, meta, windows, self.page_size, self._scale)
+        return self.model.model(ids[None], meta.positions[None], ctx)[0]
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -223,9 +307,9 @@ class Engine:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
         longest = min(len(ids) + params.max_new_tokens, limit)
         pages = self.allocator.pages_for_tokens(longest) + 1  # + one page for a partial-page copy
-        if pages > self.allocator.num_pages:
+        if pages > self.usable_pages:
             raise ValueError(
-                f"the KV pool ({self.kv_cache_tokens} tokens, {self.allocator.num_pages} pages of {self.page_size}) "
+                f"the KV pool ({self.kv_cache_tokens} tokens, {self.usable_pages} pages of {self.page_size}) "
                 f"cannot hold one sequence of prompt {index}: {longest} tokens need {pages} pages"
             )
         return ids
@@ -265,6 +349,42 @@ class Engine:
         params = list(self.model.parameters())
         firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in params]).cpu()
         return sum(p._version for p in params), firsts
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" on CUDA when triton is installed, else "torch"; warn when "triton" cannot run Triton."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton" and device.type != "cuda":
+        import kernels.decode_attention as kernel  # imports triton, if installed, as the kernels do
+
+        interpreted = getattr(kernel, "_INTERPRETED", os.environ.get("TRITON_INTERPRET", "0") == "1")
+        if not (has_triton and interpreted):
+            _warn_once("attention_backend='triton' on a CPU without TRITON_INTERPRET=1 (set before triton is "
+                       "imported) runs the kernels' torch references, not Triton")
+    elif backend == "triton" and not has_triton:
+        _warn_once("attention_backend='triton' without the triton package runs the kernels' torch references")
+    return backend
+
+
+def _resolve_cuda_graphs(requested: bool | None, backend: str, device: torch.device) -> bool:
+    env = os.environ.get("ENGINE_CUDA_GRAPHS", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"ENGINE_CUDA_GRAPHS must be 0 or 1, got {env!r}")
+    if env:
+        requested = env == "1"
+    if requested is None:
+        return device.type == "cuda" and backend == "triton"
+    if requested and backend != "triton":
+        raise ValueError(f"cuda_graphs needs attention_backend='triton'; the backend is {backend!r}")
+    return bool(requested)
 
 
 def _mix_seed(seed: int, index: int) -> int:

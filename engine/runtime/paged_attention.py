@@ -17,6 +17,28 @@ import torch
 import torch.nn.functional as F
 
 
+# Sibling groups (triton backend): the smallest shared prefix, in tokens, worth reading once per group.
+DEFAULT_SHARED_PREFIX_MIN_TOKENS = 16
+
+
+@dataclass
+class AttentionStats:
+    """What the attention backend did, counted per forward step (since the Engine was built or `reset`)."""
+
+    shared_prefix_steps: int = 0   # steps whose decode rows ran through the shared-prefix kernel
+    shared_prefix_groups: int = 0  # sibling groups (>= 2 rows sharing a prefix) in those steps
+    shared_prefix_rows: int = 0    # decode rows inside those groups
+    graph_steps: int = 0           # decode steps run by the static-buffer runner (CUDA graph replay or its eager twin)
+    graph_padded_rows: int = 0     # padding rows those steps added to reach a captured batch size
+
+    def reset(self) -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
 class KVPool:
     """K and V of every token slot, for every layer, in one tensor."""
 

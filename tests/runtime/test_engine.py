@@ -284,8 +284,10 @@ def test_bad_prompts_and_pools(tiny):
         Engine(model, kv_cache_tokens=10, page_size=16)
     with pytest.raises(ValueError, match="attention_backend"):
         Engine(model, attention_backend="cuda")
-    with pytest.raises(NotImplementedError, match="Triton attention backend is not built yet"):
-        Engine(model, attention_backend="triton")
+    with pytest.raises(ValueError, match="cuda_graphs needs attention_backend='triton'"):
+        Engine(model, attention_backend="torch", cuda_graphs=True)
+    with pytest.raises(ValueError, match="shared_prefix_min_tokens"):
+        Engine(model, shared_prefix_min_tokens=0)
     with pytest.raises(ValueError, match="a list of prompts"):
         engine.generate("1+1=", GREEDY)
     _pages_balance(engine)

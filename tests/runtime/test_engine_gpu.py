@@ -29,3 +29,80 @@ def test_greedy_on_cuda_equals_recompute_and_forks_hit_the_cache(save_hf):
     forked = engine.generate([state], SamplingParams(n=9, temperature=1.0, max_new_tokens=16, seed=0))[0]
     assert engine.stats.prefill_tokens == 1 and engine.stats.forked_sequences == 8
     assert len({tuple(c.token_ids) for c in forked}) > 1
+
+
+def _qwen2(save_hf, dtype):
+    _, folder = save_hf("qwen2", hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                        intermediate_size=512, vocab_size=2048, num_hidden_layers=4)
+    model, _ = load_model(folder, dtype=dtype, device="cuda")
+    return model
+
+
+def _gpu_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 2048, (n,), generator=g).tolist() for n in (33, 100, 7)]
+
+
+@torch.no_grad()
+def test_triton_backend_and_cuda_graphs_give_the_torch_backends_tokens_in_fp32(save_hf):
+    model = _qwen2(save_hf, torch.float32)
+    prompts = _gpu_prompts()
+    greedy = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    kw = dict(page_size=16, kv_cache_tokens=1 << 15, max_num_seqs=16)
+    ref = Engine(model, attention_backend="torch", **kw).generate(prompts, greedy)
+    eager = Engine(model, attention_backend="triton", cuda_graphs=False, **kw)
+    graphs = Engine(model, **kw)  # auto: triton with CUDA graphs on CUDA
+    assert graphs.attention_backend == "triton" and graphs.cuda_graphs and graphs._graphs.capture
+    assert eager.generate(prompts, greedy) == ref
+    assert graphs.generate(prompts, greedy) == ref
+    assert graphs.attention_stats.graph_steps > 0 and graphs.attention_stats.graph_padded_rows > 0  # 3 rows -> 4
+    assert sorted(graphs._graphs.graphs) == graphs._graphs.sizes == [1, 2, 4, 8, 16]
+
+    # Weights updated in place (as the trainer's optimizer does): the captured graphs read them.
+    for p in model.parameters():
+        p.mul_(1.5)
+    after = Engine(model, attention_backend="torch", **kw).generate(prompts, greedy)
+    assert after != ref
+    steps = graphs.attention_stats.graph_steps
+    assert graphs.generate(prompts, greedy) == after
+    assert graphs.attention_stats.graph_steps > steps
+
+
+@torch.no_grad()
+def test_shared_prefix_groups_on_cuda_give_the_torch_backends_samples(save_hf):
+    model = _qwen2(save_hf, torch.float32)
+    prompts = _gpu_prompts()
+    kw = dict(page_size=16, kv_cache_tokens=1 << 15, max_num_seqs=32)
+    torch_engine, triton_engine = Engine(model, attention_backend="torch", **kw), Engine(model, **kw)
+    first = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    base = torch_engine.generate(prompts, first)
+    assert triton_engine.generate(prompts, first) == base
+    states = [p + c[0].token_ids[:10] for p, c in zip(prompts, base)]  # 43, 110 and 17 tokens: cached
+    params = SamplingParams(n=9, temperature=1.0, max_new_tokens=16, seed=0, ignore_eos=True, logprobs=True)
+    expected = torch_engine.generate(states, params)
+    triton_engine.attention_stats.reset()
+    got = triton_engine.generate(states, params)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in expected]
+    for g_got, g_exp in zip(got, expected):
+        for a, b in zip(g_got, g_exp):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)
+    assert triton_engine.attention_stats.shared_prefix_steps > 0
+    assert len({tuple(c.token_ids) for c in got[1]}) > 1
+
+
+@torch.no_grad()
+def test_triton_backend_in_bf16_picks_the_dense_models_top_tokens(save_hf):
+    """bf16 rounding differs between the backends, so tokens may part ways late; instead every
+    greedy token of the triton engine (graphs on) must be a near-top logit of the dense bf16
+    forward over the same tokens."""
+    model = _qwen2(save_hf, torch.bfloat16)
+    prompts = _gpu_prompts()
+    engine = Engine(model, page_size=16, kv_cache_tokens=1 << 15, max_num_seqs=16)
+    assert engine.attention_backend == "triton" and engine.cuda_graphs
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True))
+    assert engine.attention_stats.graph_steps > 0
+    for prompt, (out,) in zip(prompts, outs):
+        ids = torch.tensor([prompt + out.token_ids], device="cuda")
+        logits = model(ids)[0, len(prompt) - 1:-1].float()  # the logits each generated token was picked from
+        chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+        assert bool((chosen >= logits.max(-1).values - 0.25).all()), (chosen - logits.max(-1).values).min()
