@@ -1,4 +1,17 @@
-"""Triton kernels, each with a plain-torch reference twin of the same signature."""
-from kernels.fused_logprobs import fused_logprobs, fused_logprobs_reference
+"""Triton kernels, each with a plain-torch reference twin of the same signature.
 
-__all__ = ["fused_logprobs", "fused_logprobs_reference"]
+Each public function runs its Triton kernel on CUDA tensors (or on CPU tensors under
+TRITON_INTERPRET=1) and its `_reference` twin otherwise.
+"""
+from kernels.decode_attention import decode_attention, decode_attention_reference
+from kernels.extend_attention import extend_attention, extend_attention_reference
+from kernels.fused_logprobs import fused_logprobs, fused_logprobs_reference
+from kernels.merge_states import merge_states, merge_states_reference
+from kernels.shared_prefix_attention import shared_prefix_decode_attention, shared_prefix_decode_attention_reference
+from kernels.store_kv import store_kv, store_kv_reference
+
+__all__ = [
+    "decode_attention", "decode_attention_reference", "extend_attention", "extend_attention_reference",
+    "fused_logprobs", "fused_logprobs_reference", "merge_states", "merge_states_reference",
+    "shared_prefix_decode_attention", "shared_prefix_decode_attention_reference", "store_kv", "store_kv_reference",
+]
