@@ -48,3 +48,12 @@ def test_unknown_key_in_a_preset_file_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--preset", str(preset)])
     assert "unknown config key(s) learning_rate" in capsys.readouterr().err
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    from engine.rl.config import load_config
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-6\nsft_lr: 3e-3\n")
+    cfg = load_config(str(preset), {"kl_coef": "2e-4"})
+    assert (cfg.lr, cfg.sft_lr, cfg.kl_coef) == (1e-6, 3e-3, 2e-4)

@@ -77,13 +77,16 @@ class TrainConfig:
     kl_aggregation: str = "seq-mean-token-sum"
     loss_aggregation: str = "token-mean"
     entropy_coef: float = 0.0
+    skip_ratio_above: float | None = 10.0  # skip a micro-batch whose mean ratio exceeds this (VinePPO's guard)
     whiten_advantages: str | bool = "auto"  # auto = on for vineppo and ppo, off for grpo and rloo
     gradient_checkpointing: bool = False
     # ---- engine
     page_size: int = 16
     max_num_seqs: int = 256
     max_batch_tokens: int = 8192
-    kv_cache_tokens: int | None = None  # None = the Engine's default sizing
+    kv_cache_tokens: int | None = None  # None = kv_memory_fraction of free GPU memory (CPU: the Engine's default)
+    kv_memory_fraction: float = 0.4    # on GPU; leaves room for optimizer state and activations
+    ref_offload: bool = False          # keep the reference model on the CPU between its log-prob passes
     # ---- evaluation and bookkeeping
     eval_every: int = 10               # iterations between held-out evaluations (and at start/end)
     eval_items: int = 500
@@ -165,6 +168,13 @@ class TrainConfig:
         for name in ("kl_aggregation", "loss_aggregation"):
             if getattr(self, name) not in get_args(Aggregation):
                 raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
+        if self.algo == "grpo" and not self.grpo_scale_by_std and self.loss_aggregation != "seq-mean-token-sum":
+            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) normalises each sequence's summed loss by a constant: "
+                              f"set loss_aggregation: seq-mean-token-sum (got {self.loss_aggregation!r})")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:
+            raise ConfigError(f"skip_ratio_above must be > 1 or null, got {self.skip_ratio_above}")
         if self.whiten_advantages not in ("auto", True, False):
             raise ConfigError(f"whiten_advantages must be auto, true or false, got {self.whiten_advantages!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -209,9 +219,20 @@ def load_config(preset: str = "default", overrides: dict[str, Any] | None = None
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)} (in preset {path.name} or the command line); "
                           f"valid keys: {', '.join(FIELD_TYPES)}")
+    merged = {k: _coerce(k, v) for k, v in merged.items()}
     if "adam_betas" in merged:
         merged["adam_betas"] = tuple(merged["adam_betas"])
     return TrainConfig(**merged).validate()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML 1.1 reads 1e-6 (no dot) as a string: make it the number a float field expects."""
+    if isinstance(value, str) and "float" in str(FIELD_TYPES[name].type):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # validate() names the bad value
+    return value
 
 
 def parse_value(name: str, text: str) -> Any:

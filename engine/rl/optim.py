@@ -30,6 +30,20 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a saved state with the moments and compensation kept in fp32.
+
+        torch's Optimizer.load_state_dict casts floating state to each parameter's dtype,
+        which would turn the fp32 buffers of a bf16 parameter into bf16 (losing them).
+        """
+        saved = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        index = {i: p for i, p in enumerate(q for g in self.param_groups for q in g["params"])}
+        for key, tensors in saved.items():
+            p = index[int(key)]
+            for name, t in tensors.items():
+                self.state[p][name] = t.to(device=p.device, dtype=torch.float32)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

@@ -51,16 +51,38 @@ def response_text(tokenizer, token_ids: Sequence[int], stop: Sequence[str]) -> s
     return text[:min(cuts)] if cuts else text
 
 
+def trim_stop_string(tokenizer, token_ids: Sequence[int], text: str, eos_id: int) -> list[int]:
+    """The tokens of a response that ended on a stop string, cut before it, plus EOS.
+
+    `text` is the response already cut before the stop string. The kept tokens are the longest
+    prefix whose decoding is a prefix of `text` (a token that straddles the stop string's
+    start goes with it). As in VinePPO, a response is trained to end with EOS, not to emit
+    the stop string (the next prompt of the template).
+    """
+    ids = list(token_ids)
+    for i in range(len(ids), -1, -1):
+        head = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        if len(head) <= len(text) and text.startswith(head):
+            return ids[:i] + [eos_id]
+    return [eos_id]  # unreachable: the empty prefix always qualifies
+
+
 def sample_episodes(engine: Engine, task: Task, items: Sequence[Item], params: SamplingParams,
-                    progress: bool = False) -> list[Episode]:
-    """params.n responses per item, graded by the task. Episodes of one item are consecutive."""
+                    progress: bool | str = False) -> list[Episode]:
+    """params.n responses per item, graded by the task. Episodes of one item are consecutive.
+
+    Responses that ended on a stop string are cut before it and end with EOS instead.
+    """
     tok = engine.tokenizer
     prompts = [tok.encode(task.prompt(it)) for it in items]
     outs = engine.generate(prompts, params, progress=progress)
     episodes = []
     for g, (item, ids, completions) in enumerate(zip(items, prompts, outs)):
         for c in completions:
-            episodes.append(Episode(group=g, item=item, prompt_ids=list(ids), response_ids=list(c.token_ids),
+            response = list(c.token_ids)
+            if params.stop and c.finish_reason == "stop" and response[-1] not in engine.eos_token_ids:
+                response = trim_stop_string(tok, response, c.text, tok.eos_token_id)
+            episodes.append(Episode(group=g, item=item, prompt_ids=list(ids), response_ids=response,
                                     text=c.text, finish_reason=c.finish_reason,
                                     reward=task.reward(c.text, item, c.finish_reason)))
     return episodes
@@ -88,7 +110,7 @@ def state_boundaries(ep: Episode, max_states: int | None) -> list[int]:
 
 
 def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int, params: SamplingParams,
-              max_states: int | None = None, stop: Sequence[str] = (), progress: bool = False) -> MCStats:
+              max_states: int | None = None, stop: Sequence[str] = (), progress: bool | str = False) -> MCStats:
     """Fill `ep.state_values` (one per step) with Monte Carlo estimates.
 
     V(s) = mean reward of k rollouts from s, each graded on the whole response (the state's

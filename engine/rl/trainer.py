@@ -51,6 +51,7 @@ from kernels.fused_logprobs import fused_logprobs
 STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",)}
 STATE_FILE = "trainer_state.pt"
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
+PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,6 +160,8 @@ class Trainer:
                     {k: v for k, v in cfg.to_dict().items() if k not in ("iterations", "stop_after")}:
                 raise ValueError(f"--resume: the config differs from the one {self.run_dir} was started with "
                                  f"(only iterations and stop_after may change)")
+        else:
+            self._clear_previous_run()
         dump_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -185,15 +188,24 @@ class Trainer:
                 self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio))
         # The Engine holds the policy module itself: same parameter tensors, no copy.
         self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
-                             max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens)
+                             max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
+                             kv_memory_fraction=cfg.kv_memory_fraction)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._load_latest()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()
         self._tb = self._tensorboard() if cfg.tensorboard else None
 
     # ------------------------------------------------------------------ setup
+    def _clear_previous_run(self) -> None:
+        """A fresh start in a used run directory: drop what the old run left (or --resume would mix them)."""
+        stale = [p for p in PREVIOUS_RUN_FILES if (self.run_dir / p).exists()]
+        if stale and self.progress:
+            print(f"starting afresh in {self.run_dir}: removing the previous run's {', '.join(stale)} "
+                  f"(pass --resume to continue it instead)")
+        for name in stale:
+            path = self.run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
     def _initial_policy(self) -> Path:
         """The checkpoint RL starts from (also the frozen reference): the model, after SFT if asked."""
         cfg = self.cfg
@@ -221,7 +233,7 @@ class Trainer:
         return sft_dir
 
     def _frozen_copy(self, path: Path) -> Transformer:
-        ref, _ = load_model(path, dtype=self.dtype, device=self.device)
+        ref, _ = load_model(path, dtype=self.dtype, device="cpu" if self.cfg.ref_offload else self.device)
         ref.eval().requires_grad_(False)
         return ref
 
@@ -278,7 +290,8 @@ class Trainer:
         self.engine.stats.reset()
         params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=self.stop)
-        episodes = sample_episodes(self.engine, self.task, self._items_for(self.iteration), params, self.progress)
+        episodes = sample_episodes(self.engine, self.task, self._items_for(self.iteration), params,
+                                   self.progress and "sampling")
         times["sample"] = time.perf_counter() - t0
         row["sample_tokens_per_s"] = sum(e.num_tokens for e in episodes) / times["sample"]
 
@@ -332,7 +345,7 @@ class Trainer:
             params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_new_tokens=cfg.mc_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
             stats = mc_values(self.engine, self.task, episodes, k=cfg.k, params=params,
-                              max_states=cfg.max_states_per_response, progress=self.progress)
+                              max_states=cfg.max_states_per_response, progress=self.progress and "MC values")
             for ep in episodes:
                 step_adv = adv_lib.vineppo_step_advantages(ep.state_values, ep.reward)
                 ep.advantages = adv_lib.broadcast_steps(step_adv, ep.step_ends)
@@ -376,6 +389,8 @@ class Trainer:
     @torch.no_grad()
     def _logprobs(self, episodes: list[Episode]) -> None:
         """Old (behaviour) and reference log-probs of every response token, and the policy's entropy."""
+        if self.ref is not None and self.cfg.ref_offload:
+            self.ref.to(self.device)
         for chunk in _chunks(episodes, self.cfg.micro_batch_size):
             packed = Packed.build(chunk, self.device)
             lp, ent = self._token_logprobs(self.policy, packed, with_entropy=True)
@@ -384,18 +399,23 @@ class Trainer:
                 ep.old_logprobs = lp.split(packed.lengths)[i].float().cpu()
                 ep.entropy = ent.split(packed.lengths)[i].float().cpu()
                 ep.ref_logprobs = ref.split(packed.lengths)[i].float().cpu() if ref is not None else None
+        if self.ref is not None and self.cfg.ref_offload:
+            self.ref.to("cpu")  # its log-probs are all computed: free the GPU memory for the update
 
     # ------------------------------------------------------------------ update
     def _update(self, episodes: list[Episode]) -> dict:
         cfg = self.cfg
         rng = random.Random(f"minibatches-{cfg.seed}-{self.iteration}")
-        self.policy.train()
+        self.policy.train()  # (gradient checkpointing only acts in training mode)
+        if self.critic is not None:
+            self.critic.train()
         sums: dict[str, float] = {}
         count = 0
 
         def add(name: str, value: float) -> None:
             sums[name] = sums.get(name, 0.0) + value
 
+        bar = tqdm(total=self.steps_per_iteration, desc="update", leave=False, disable=not self.progress)
         for epoch in range(cfg.epochs):
             order = list(range(len(episodes)))
             rng.shuffle(order)
@@ -405,7 +425,11 @@ class Trainer:
                 for k, v in stats.items():
                     add(k, v)
                 count += 1
+                bar.update()
+        bar.close()
         self.policy.eval()
+        if self.critic is not None:
+            self.critic.eval()
         out = {k: v / count for k, v in sums.items()}
         out["tokens"] = sum(e.num_tokens for e in episodes)
         out["entropy"] = float(torch.cat([e.entropy for e in episodes]).mean())
@@ -447,6 +471,9 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
                                        f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+            if cfg.skip_ratio_above is not None and float(st.ratio_mean) > cfg.skip_ratio_above:
+                totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
+                continue  # VinePPO's guard: far off-policy, its gradient would be noise
             loss.backward()
             share = mask.sum().item() / num_tokens
             for k, v in st.scalars().items():
@@ -462,12 +489,16 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
-        self.opt.step()
-        self.sched.step()
         if self.critic is not None:
-            totals["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip))
+            critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+            if not torch.isfinite(critic_norm):
+                raise TrainingDiverged(f"non-finite critic gradient norm at {where}; the update was not applied "
+                                       f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+            totals["critic_grad_norm"] = float(critic_norm)
             self.critic_opt.step()
             self.critic_sched.step()
+        self.opt.step()
+        self.sched.step()
         totals["grad_norm"] = float(grad_norm)
         return totals
 
@@ -495,7 +526,8 @@ class Trainer:
         # Evaluation draws from its own seeded generators, so it never moves the training RNG.
         if cfg.eval_temperature > 0:
             params = dataclasses.replace(params, seed=cfg.seed)
-        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], params, progress=self.progress)
+        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], params,
+                                    progress=self.progress and "evaluation")
         rewards = [self.task.reward(c.text, it, c.finish_reason) for it, cs in zip(self.eval_items, outs) for c in cs]
         acc = sum(rewards) / len(rewards)
         return {"eval_accuracy": acc, "eval_stderr": math.sqrt(acc * (1 - acc) / len(self.eval_items)),
@@ -547,7 +579,7 @@ class Trainer:
             for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
                 p.copy_(q)
         # weights_only: plain tensors and containers, no code runs from the file.
-        state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=True)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.critic is not None:
@@ -557,7 +589,7 @@ class Trainer:
             self.critic.head.load_state_dict(load_file(str(path / "critic" / "value_head.safetensors"), device=str(self.device)))
             self.critic_opt.load_state_dict(state["critic_optimizer"])
             self.critic_sched.load_state_dict(state["critic_scheduler"])
-        _set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+        _set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
         if self.metrics_path.exists():  # drop rows written after the checkpoint (an interrupted iteration)
             rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]

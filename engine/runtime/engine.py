@@ -165,7 +165,7 @@ class Engine:
         self,
         prompts: Seq[str] | Seq[Seq[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
     ) -> list[list[Completion]]:
         """Sample params.n completions for each prompt; one list per prompt, in order.
 
@@ -186,7 +186,8 @@ class Engine:
         groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]
         for leader in groups:
             self.scheduler.add(leader[0])
-        bar = tqdm(total=sum(len(g) for g in groups), desc="generate", disable=not progress)
+        bar = tqdm(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
+                   disable=not progress, leave=False)
         try:
             while self.scheduler.has_work:
                 bar.update(self._step())

@@ -207,3 +207,32 @@ def test_unknown_preset_and_required_model():
         load_config("nope")
     with pytest.raises(ConfigError, match="needs a value for model"):
         load_config("gsm8k")
+
+
+def test_resume_in_bf16_keeps_the_optimizer_state_in_fp32(tmp_path):
+    make_trainer(fast_config(tmp_path, dtype="bfloat16", stop_after=1)).run()
+    resumed = make_trainer(fast_config(tmp_path, dtype="bfloat16"), resume=True)
+    state = next(iter(resumed.opt.state.values()))
+    assert all(state[k].dtype == torch.float32 for k in ("exp_avg", "exp_avg_sq", "compensation"))
+    assert next(resumed.policy.parameters()).dtype == torch.bfloat16
+    resumed.run()
+    assert [r["iteration"] for r in rows_of(resumed)] == [0, 1, 2]
+
+
+def test_a_fresh_start_clears_the_previous_run(tmp_path):
+    make_trainer(fast_config(tmp_path, iterations=3, save_every=3)).run()
+    trainer = make_trainer(fast_config(tmp_path, iterations=1))
+    assert not (trainer.run_dir / "checkpoints").exists() and not trainer.metrics_path.exists()
+    trainer.run()
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text() == "iter_000001"
+    assert [r["iteration"] for r in rows_of(trainer)] == [0, 1]
+
+
+def test_stop_string_tokens_are_replaced_by_eos():
+    from engine.model import char_tokenizer
+    from engine.rl.rollout import trim_stop_string
+
+    tok = char_tokenizer()
+    ids = tok.encode("x = 4\n#### 4\n\n\nProblem:")
+    kept = trim_stop_string(tok, ids, "x = 4\n#### 4", tok.eos_token_id)
+    assert kept == tok.encode("x = 4\n#### 4") + [tok.eos_token_id]
