@@ -364,7 +364,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if backend == "triton" and device.type != "cuda":
-        import kernels.decode_attention as kernel  # imports triton, if installed, as the kernels do
+        # The module, not the function the kernels package re-exports under the same name.
+        kernel = importlib.import_module("kernels.decode_attention")  # imports triton, as the kernels do
 
         interpreted = getattr(kernel, "_INTERPRETED", os.environ.get("TRITON_INTERPRET", "0") == "1")
         if not (has_triton and interpreted):
