@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends a response
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl import advantages as adv_lib
 from engine.rl.config import TrainConfig, config_from_run, dump_config
@@ -48,7 +49,6 @@ from engine.runtime import Engine, SamplingParams
 from engine.tasks import Item, Task, load_task
 from kernels.fused_logprobs import fused_logprobs
 
-STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",)}
 STATE_FILE = "trainer_state.pt"
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
