@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from engine.rl.loss import Aggregation, KLEstimator
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
 Algo = Literal["vineppo", "ppo", "grpo", "rloo"]
@@ -112,8 +114,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on any value that would fail later; returns self."""
-        from engine.rl.loss import Aggregation, KLEstimator  # the loss module owns these names
-        from engine.tasks import TASKS
+        from engine.tasks import TASKS  # (the task registry imports the graders: load it only here)
 
         missing = [f.name for f in fields(self) if getattr(self, f.name) == REQUIRED]
         if missing:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.runtime import Engine, SamplingParams
+from engine.runtime.params import cut_at_stop
 from engine.tasks import Item, Task
 
 
@@ -46,9 +47,7 @@ class Episode:
 
 def response_text(tokenizer, token_ids: Sequence[int], stop: Sequence[str]) -> str:
     """The decoded response, cut before the first stop string (as the Engine cuts `Completion.text`)."""
-    text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
-    cuts = [text.find(s) for s in stop if s in text]
-    return text[:min(cuts)] if cuts else text
+    return cut_at_stop(tokenizer.decode(list(token_ids), skip_special_tokens=True), stop)
 
 
 def trim_stop_string(tokenizer, token_ids: Sequence[int], text: str, eos_id: int) -> list[int]:

@@ -395,10 +395,10 @@ class Trainer:
             packed = Packed.build(chunk, self.device)
             lp, ent = self._token_logprobs(self.policy, packed, with_entropy=True)
             ref = self._token_logprobs(self.ref, packed) if self.ref is not None else None
-            for i, ep in enumerate(chunk):
-                ep.old_logprobs = lp.split(packed.lengths)[i].float().cpu()
-                ep.entropy = ent.split(packed.lengths)[i].float().cpu()
-                ep.ref_logprobs = ref.split(packed.lengths)[i].float().cpu() if ref is not None else None
+            per_episode = lambda x: [t.float().cpu() for t in x.split(packed.lengths)]  # noqa: E731
+            refs = per_episode(ref) if ref is not None else [None] * len(chunk)
+            for ep, lp_i, ent_i, ref_i in zip(chunk, per_episode(lp), per_episode(ent), refs):
+                ep.old_logprobs, ep.entropy, ep.ref_logprobs = lp_i, ent_i, ref_i
         if self.ref is not None and self.cfg.ref_offload:
             self.ref.to("cpu")  # its log-probs are all computed: free the GPU memory for the update
 

@@ -33,7 +33,7 @@ from engine.runtime.paged_attention import (
     PagedBatch,
     TorchPagedAttention,
 )
-from engine.runtime.params import Completion, EngineStats, SamplingParams
+from engine.runtime.params import Completion, EngineStats, SamplingParams, cut_at_stop
 from engine.runtime.sampler import sample
 from engine.runtime.scheduler import Scheduler
 from engine.runtime.sequence import Sequence, Status
@@ -333,9 +333,7 @@ class Engine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
             if seq.finish_reason == "stop" and seq.params.stop:
-                cut = [text.find(s) for s in seq.params.stop if s in text]
-                if cut:
-                    text = text[:min(cut)]
+                text = cut_at_stop(text, seq.params.stop)
         return Completion(
             token_ids=seq.generated, finish_reason=seq.finish_reason, text=text,
             logprobs=list(seq.logprobs) if seq.params.logprobs else None, cached_tokens=seq.cached_tokens,

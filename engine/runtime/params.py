@@ -58,6 +58,12 @@ class SamplingParams:
 FinishReason = Literal["stop", "length"]
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
+    """`text` up to (not including) the earliest of the stop strings it contains."""
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
 @dataclass
 class Completion:
     """One sampled continuation.
