@@ -196,6 +196,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     ({"micro_batch_size": 3}, "not a multiple of micro_batch_size 3"),
     ({"colour": "blue"}, "unknown config key\\(s\\) colour"),
     ({"algo": "grpo", "samples_per_prompt": 1, "minibatch_size": 4}, "samples_per_prompt must be >= 2"),
+    ({"algo": "grpo", "grpo_scale_by_std": False}, "Dr.GRPO .* set loss_aggregation: seq-mean-token-sum"),
+    ({"kv_memory_fraction": 0.0}, "kv_memory_fraction must be in \\(0, 1\\]"),
+    ({"skip_ratio_above": 1.0}, "skip_ratio_above must be > 1"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -236,3 +239,32 @@ def test_stop_string_tokens_are_replaced_by_eos():
     ids = tok.encode("x = 4\n#### 4\n\n\nProblem:")
     kept = trim_stop_string(tok, ids, "x = 4\n#### 4", tok.eos_token_id)
     assert kept == tok.encode("x = 4\n#### 4") + [tok.eos_token_id]
+
+
+def test_far_off_policy_micro_batches_are_skipped(tmp_path, monkeypatch):
+    # Inflate the training log-probs by 5 nats: every ratio is e^5 > 10, so VinePPO's guard
+    # skips every micro-batch and the weights stay as they were.
+    trainer = make_trainer(fast_config(tmp_path, iterations=1, kl_coef=0.0))
+    real = trainer._token_logprobs
+    def inflated(model, packed, with_entropy=False):
+        out = real(model, packed, with_entropy)
+        return out + 5.0 if torch.is_grad_enabled() and not with_entropy else out
+
+    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    row = trainer.train_iteration()
+    # 2 epochs x 2 minibatches x 2 micro-batches, averaged per minibatch step
+    assert row["skipped_micro_batches"] == 2.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_ppo_critic_trains_in_training_mode(tmp_path, monkeypatch):
+    trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, gradient_checkpointing=True))
+    modes = []
+    real = trainer._critic_backward
+    monkeypatch.setattr(trainer, "_critic_backward", lambda *a: (modes.append(trainer.critic.training), real(*a))[1])
+    head = trainer.critic.head.weight.detach().clone()
+    trainer.run()
+    assert modes and all(modes)           # checkpointing (and any train-only behaviour) is on
+    assert not trainer.critic.training    # and off again for the next value pass
+    assert not torch.equal(head, trainer.critic.head.weight)
