@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
@@ -39,15 +40,19 @@ def final_answer(task: Task, response: str) -> str | None:
 def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: str = "test", n: int = 16,
              temperature: float = 0.35, top_p: float = 1.0, max_new_tokens: int = 512, limit: int | None = None,
              seed: int = 0, out: str | None = None, device: str | None = None, dtype: str | None = None,
-             kv_cache_tokens: int | None = None) -> dict:
-    """Run the evaluation and write the report; returns it."""
+             kv_cache_tokens: int | None = None, task_args: dict | None = None) -> dict:
+    """Run the evaluation and write the report; returns it.
+
+    task_args: keyword options of the task (e.g. the arithmetic knobs a training run used,
+    found in its config.yaml), so a checkpoint is scored on the distribution it trained on.
+    """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    task = load_task(task_name, **({"data": data} if data is not None else {}))
+    task = load_task(task_name, **(task_args or {}), **({"data": data} if data is not None else {}))
     items = task.items(split)[:limit]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
@@ -78,7 +83,8 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     k = len(items)
     metrics = {"pass@1": pass1 / k, f"maj@{n}": maj / k, f"pass@{n}": passn / k}
     report = {
-        "model": str(model_dir), "task": task_name, "split": split, "data": data, "items": k, "n": n,
+        "model": str(model_dir), "task": task_name, "task_args": task_args or {}, "split": split, "data": data,
+        "items": k, "n": n,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
         "metrics": metrics, "generation_seconds": round(gen_seconds, 2),
         "generated_tokens": sum(len(c.token_ids) for g in outputs for c in g),
@@ -91,11 +97,22 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     return report
 
 
+def parse_task_args(text: str) -> dict:
+    """argparse type of `--task-args`: a YAML mapping of task options."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--task-args must be a YAML mapping like '{{steps: 3}}', got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
     ap.add_argument("--task", required=True, help="gsm8k | math | arithmetic")
     ap.add_argument("--data", default=None, help="local json/jsonl/parquet file, 'sample', or a hub dataset name")
+    ap.add_argument("--task-args", default=None, type=parse_task_args,
+                    help="task options as a YAML mapping, e.g. '{steps: [2, 3], max_operand: 10}' (a training "
+                         "run's are in its config.yaml)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.35)
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate(args.model, args.task, data=args.data, split=args.split, n=args.n,
                       temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, seed=args.seed, out=args.out, device=args.device, dtype=args.dtype,
-                      kv_cache_tokens=args.kv_cache_tokens)
+                      kv_cache_tokens=args.kv_cache_tokens, task_args=args.task_args)
     m = report["metrics"]
     print(f"{report['task']} ({report['split']}, {report['items']} items, n={report['n']}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) + f"  -> {report['path']}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.evaluate import parse_task_args
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.tasks import Item, Task, load_task
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="HF checkpoint folder (default: a fresh built-in tiny model)")
     ap.add_argument("--task", default="arithmetic")
     ap.add_argument("--data", default=None, help="task data: 'sample', a local file or a hub name")
+    ap.add_argument("--task-args", default=None, type=parse_task_args,
+                    help="task options as a YAML mapping, e.g. '{steps: [2, 3], max_operand: 10}'")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None, help="default 3e-3 for the tiny model, else 1e-5")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = load_model(source, device=device)
     if tok is None:
         raise SystemExit(f"{source} has no tokenizer files")
-    task = load_task(args.task, **({"data": args.data} if args.data else {}))
+    task = load_task(args.task, **(args.task_args or {}), **({"data": args.data} if args.data else {}))
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 1e-5)
     losses = sft(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
     model.save_pretrained(str(out), tokenizer=tok)

@@ -36,6 +36,21 @@ def test_report_goes_next_to_the_model_by_default(model_dir):
     assert (model_dir / "eval-arithmetic-test.json").exists()
 
 
+def test_task_args_choose_the_distribution(model_dir, tmp_path):
+    report = main(["--model", str(model_dir), "--task", "arithmetic", "--task-args", "{steps: 1, max_operand: 3, n_test: 8}",
+                   "--n", "1", "--limit", "5", "--max-new-tokens", "4", "--out", str(tmp_path / "r.json")])
+    assert report["task_args"] == {"steps": 1, "max_operand": 3, "n_test": 8}
+    for row in report["results"]:  # one operation on 0..3, not the task's default 2-4 on 0..50
+        a, b = row["question"].replace("-", "+").split("+")
+        assert 0 <= int(a) <= 3 and 0 <= int(b) <= 3
+
+
+def test_task_args_must_be_a_mapping(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--task", "arithmetic", "--task-args", "[1, 2]"])
+    assert "--task-args must be a YAML mapping" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,error,match", [
     (["--task", "chess"], ValueError, "unknown task 'chess'"),
     (["--task", "arithmetic", "--n", "0"], ValueError, "--n must be >= 1"),

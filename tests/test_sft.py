@@ -35,3 +35,19 @@ def test_sft_command_saves_a_loadable_checkpoint(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == summary
     model, tok = load_model(tmp_path / "out")
     assert tok is not None and model.config.model_type == "llama"
+
+
+def test_sft_command_passes_task_args(tmp_path, monkeypatch):
+    import engine.sft as sft_module
+
+    seen = {}
+
+    def spy(model, tok, task, **kwargs):
+        seen["task"] = task
+        return sft(model, tok, task, **kwargs)
+
+    monkeypatch.setattr(sft_module, "sft", spy)
+    main(["--task", "arithmetic", "--task-args", "{steps: 1, max_operand: 3, n_train: 20, n_test: 4, answer_only_frac: 1.0}",
+          "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "out")])
+    train = seen["task"].items("train")
+    assert len(train) == 20 and all(it.solution == f"#### {it.answer}" for it in train)

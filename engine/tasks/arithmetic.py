@@ -50,6 +50,10 @@ class ArithmeticTask(Task):
     min_operand/max_operand: operand range. ops: allowed operations among "+-*".
     allow_negative: whether intermediate values may go below zero.
     n_train/n_test: split sizes (distinct questions).
+    answer_only_frac: the fraction of train items whose reference solution is the final line
+    alone ("#### 52"), as in SFT sets where some annotators skipped the work. Grading looks
+    at the final answer only, so this changes what SFT imitates, not what is rewarded; a
+    model that learned both styles can learn from reward that working line by line pays.
 
     The defaults (2-4 steps of + and - on 0..50) leave room on both sides: the built-in tiny
     model after 1500 SFT steps of 16 solutions (about 6 minutes on 2 CPU cores) solved 62% of
@@ -63,7 +67,8 @@ class ArithmeticTask(Task):
 
     def __init__(self, data: None = None, *, template: str | None = None, seed: int = 0,
                  steps: int | tuple[int, int] = (2, 4), min_operand: int = 0, max_operand: int = 50,
-                 ops: str = "+-", allow_negative: bool = False, n_train: int = 10000, n_test: int = 500):
+                 ops: str = "+-", allow_negative: bool = False, n_train: int = 10000, n_test: int = 500,
+                 answer_only_frac: float = 0.0):
         if data is not None:
             raise ValueError("arithmetic: the task is generated and takes no data; use its knobs instead")
         super().__init__(template)
@@ -76,12 +81,18 @@ class ArithmeticTask(Task):
             raise ValueError(f"arithmetic: ops must be a non-empty subset of '+-*', got {ops!r}")
         if n_train < 1 or n_test < 1:
             raise ValueError(f"arithmetic: n_train and n_test must be >= 1, got {n_train}, {n_test}")
+        if not 0.0 <= answer_only_frac <= 1.0:
+            raise ValueError(f"arithmetic: answer_only_frac must be in [0, 1], got {answer_only_frac}")
         self.seed, self.steps, self.ops = seed, (lo, hi), ops
+        self.answer_only_frac = answer_only_frac
         self.operands, self.allow_negative = (min_operand, max_operand), allow_negative
         self.sizes = {"train": n_train, "test": n_test}
 
     def _generate(self, split: str, n: int, exclude: set[str]) -> list[Item]:
         rng = random.Random(f"arithmetic-{self.seed}-{split}")  # str seeds are stable across runs
+        # A second generator picks the answer-only solutions, so the problems do not depend on the fraction.
+        style_rng = random.Random(f"arithmetic-{self.seed}-{split}-answer-only")
+        answer_only_frac = self.answer_only_frac if split == "train" else 0.0
         items: list[Item] = []
         seen = set(exclude)
         for _ in range(100 * n + 1000):  # bounded: a too-small problem space is an error
@@ -90,6 +101,8 @@ class ArithmeticTask(Task):
                 continue
             expr, answer, solution = problem
             seen.add(expr)
+            if style_rng.random() < answer_only_frac:
+                solution = f"#### {answer}"
             items.append(Item(id=f"arithmetic-{split}-{len(items)}", question=expr, answer=str(answer),
                               solution=solution))
             if len(items) == n:

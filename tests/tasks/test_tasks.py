@@ -226,6 +226,27 @@ def test_arithmetic_is_deterministic_given_seed():
     assert a.prompt(a.items("test")[0]) == f"Compute {a.items('test')[0].question}.\n"
 
 
+def test_arithmetic_answer_only_solutions_are_train_only():
+    plain = load_task("arithmetic", n_train=1000, n_test=100)
+    mixed = load_task("arithmetic", n_train=1000, n_test=100, answer_only_frac=0.5)
+    # Same problems (the style has its own generator); only train solutions change, and the
+    # answer-only ones are the final line of the worked solution.
+    assert [i.question for i in mixed.items("train")] == [i.question for i in plain.items("train")]
+    assert mixed.items("test") == plain.items("test")
+    bare = 0
+    for worked, item in zip(plain.items("train"), mixed.items("train")):
+        if item.solution != worked.solution:
+            assert item.solution == worked.solution.splitlines()[-1] == f"#### {item.answer}"
+            bare += 1
+        assert mixed.reward(item.solution, item) == 1.0
+    assert 400 < bare < 600
+    assert all(i.solution.startswith("####") for i in
+               load_task("arithmetic", n_train=50, n_test=10, answer_only_frac=1.0).items("train"))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"answer_only_frac must be in \[0, 1\], got"):
+            ArithmeticTask(answer_only_frac=bad)
+
+
 def test_arithmetic_precedence_is_left_to_right():
     task = load_task("arithmetic", steps=2, ops="+*", n_train=300, n_test=50)
     mixed = [i for i in task.items("train") if i.question.startswith("(")]
