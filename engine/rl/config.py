@@ -169,9 +169,10 @@ class TrainConfig:
         for name in ("kl_aggregation", "loss_aggregation"):
             if getattr(self, name) not in get_args(Aggregation):
                 raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
-        if self.algo == "grpo" and not self.grpo_scale_by_std and self.loss_aggregation != "seq-mean-token-sum":
-            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) normalises each sequence's summed loss by a constant: "
-                              f"set loss_aggregation: seq-mean-token-sum (got {self.loss_aggregation!r})")
+        if self.algo == "grpo" and not self.grpo_scale_by_std and self.loss_aggregation != "seq-mean-token-sum-norm":
+            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) divides each sequence's summed loss by a constant, "
+                              "max_new_tokens: set loss_aggregation: seq-mean-token-sum-norm "
+                              f"(got {self.loss_aggregation!r})")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:

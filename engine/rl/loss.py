@@ -22,7 +22,7 @@ from typing import Literal, get_args
 
 import torch
 
-Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 K3_MAX = 10.0  # VinePPO clamps the k3 estimate to [0, 10] per token
 
@@ -52,12 +52,15 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, *, num_tokens: float | None = None,
-              num_seqs: float | None = None) -> torch.Tensor:
+              num_seqs: float | None = None, norm_length: float | None = None) -> torch.Tensor:
     """Reduce [B, T] per-token values to a scalar over the masked tokens.
 
-    token-mean:          sum of all masked values / number of masked tokens;
-    seq-mean-token-sum:  per sequence the sum over its tokens, then the mean over sequences;
-    seq-mean-token-mean: per sequence the mean over its tokens, then the mean over sequences.
+    token-mean:              sum of all masked values / number of masked tokens;
+    seq-mean-token-sum:      per sequence the sum over its tokens, then the mean over sequences;
+    seq-mean-token-mean:     per sequence the mean over its tokens, then the mean over sequences;
+    seq-mean-token-sum-norm: per sequence the sum over its tokens divided by the constant
+                             `norm_length` (Dr.GRPO: the generation budget, so a token weighs
+                             the same in a short and a long response), then the mean over sequences.
     Sequences with no masked token count in neither mean; an all-empty batch gives 0.
     num_tokens / num_seqs replace the counts of this batch in the final division: with the
     counts of a whole minibatch, the micro-batch losses of gradient accumulation sum to the
@@ -65,6 +68,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, *, nu
     """
     if mode not in get_args(Aggregation):
         raise ValueError(f"aggregation must be one of {get_args(Aggregation)}; got {mode!r}")
+    if mode == "seq-mean-token-sum-norm" and not (norm_length is not None and 0 < norm_length < math.inf):
+        raise ValueError(f"aggregation {mode!r} needs a finite norm_length > 0 (e.g. max_new_tokens); got {norm_length}")
     keep = mask.bool()
     values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if mode == "token-mean":
@@ -73,6 +78,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, *, nu
     per_seq = values.sum(-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / per_seq_tokens.clamp_min(1)
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = per_seq / norm_length
     n_seqs = (per_seq_tokens > 0).sum().clamp_min(1) if num_seqs is None else num_seqs
     return per_seq.sum() / n_seqs
 
@@ -150,6 +157,7 @@ def ppo_loss(
     aggregation: Aggregation = "token-mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    norm_length: float | None = None,
 ) -> tuple[torch.Tensor, PPOStats]:
     """Clipped-surrogate PPO loss (scalar, to minimise) and its logging statistics.
 
@@ -159,6 +167,7 @@ def ppo_loss(
     `kl_aggregation` defaults to `aggregation`; VinePPO uses "seq-mean-token-sum" for KL.
     num_tokens / num_seqs: the token and sequence counts of the whole minibatch when this call
     sees one micro-batch of it (see `aggregate`); they affect the loss terms, not the statistics.
+    norm_length: the constant of the "seq-mean-token-sum-norm" aggregation (Dr.GRPO).
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T]; got shape {tuple(logprobs.shape)}")
@@ -200,7 +209,7 @@ def ppo_loss(
         # For A < 0 the loss above grows without bound in the ratio; cap it at -A * dual_clip.
         clipped_dual = (adv < 0) & (ratio > dual_clip)
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
-    norm = dict(num_tokens=num_tokens, num_seqs=num_seqs)
+    norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg_loss = aggregate(pg, keep, aggregation, **norm)
     loss = pg_loss
 

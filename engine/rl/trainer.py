@@ -367,11 +367,6 @@ class Trainer:
                 values = adv_lib.rloo_advantages(rewards)
             for ep, a in zip(members, values):
                 ep.advantages = torch.full((ep.num_tokens,), float(a))
-                if cfg.algo == "grpo" and not cfg.grpo_scale_by_std:
-                    # Dr.GRPO divides each sequence's token-summed loss by a constant (the
-                    # generation budget) instead of its length; the clipped surrogate is linear
-                    # in A, so scaling A by that constant under seq-mean-token-sum is the same.
-                    ep.advantages /= cfg.max_new_tokens
         return None
 
     def _step_ends(self, ep: Episode) -> list[int]:
@@ -467,7 +462,8 @@ class Trainer:
                 ref_logprobs=pad([e.ref_logprobs for e in micro]) if self.ref is not None else None,
                 kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_aggregation=cfg.kl_aggregation,
                 entropy=packed.pad(ent) if ent is not None else None, entropy_coef=cfg.entropy_coef,
-                aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs)
+                aggregation=cfg.loss_aggregation, num_tokens=num_tokens, num_seqs=num_seqs,
+                norm_length=cfg.max_new_tokens)  # the constant of "seq-mean-token-sum-norm" (Dr.GRPO)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
                                        f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")

@@ -66,10 +66,12 @@ def test_asymmetric_clip_low_and_high():
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [99.0, 99.0, 99.0]], dtype=torch.float64)
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # the third sequence is empty
 # mode -> (value, d value / d token for the six masked tokens in row-major order)
+NORM = 8.0  # the constant of seq-mean-token-sum-norm (the other modes ignore it)
 AGGREGATIONS = {
     "token-mean": (10 / 4, [1 / 4] * 4),
     "seq-mean-token-sum": ((6 + 4) / 2, [1 / 2] * 4),
     "seq-mean-token-mean": ((2 + 4) / 2, [1 / 6, 1 / 6, 1 / 6, 1 / 2]),
+    "seq-mean-token-sum-norm": ((6 / NORM + 4 / NORM) / 2, [1 / (2 * NORM)] * 4),
 }
 
 
@@ -77,7 +79,7 @@ AGGREGATIONS = {
 def test_aggregation_by_hand(mode):
     want, want_weights = AGGREGATIONS[mode]
     values = VALUES.clone().requires_grad_()
-    out = aggregate(values, MASK, mode)
+    out = aggregate(values, MASK, mode, norm_length=NORM)
     (grad,) = torch.autograd.grad(out, values)
     assert out.item() == pytest.approx(want)
     assert grad[MASK].tolist() == pytest.approx(want_weights)
@@ -89,12 +91,20 @@ def test_ppo_loss_uses_the_aggregation(mode):
     """At ratio 1 nothing is clipped and the per-token loss is -A, so the loss is agg(-A)."""
     want, want_weights = AGGREGATIONS[mode]
     logp = torch.full_like(VALUES, -0.7).requires_grad_()
-    loss, _ = ppo_loss(logp, logp.detach(), -VALUES, MASK, aggregation=mode)
+    loss, _ = ppo_loss(logp, logp.detach(), -VALUES, MASK, aggregation=mode, norm_length=NORM)
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == pytest.approx(want)
     # d loss / d logp = -A * ratio * weight = value * weight
     want_grad = [v * w for v, w in zip(VALUES[MASK].tolist(), want_weights)]
     assert grad[MASK].tolist() == pytest.approx(want_grad)
+
+
+def test_norm_aggregation_needs_its_constant():
+    for bad in (None, 0.0, float("inf")):
+        with pytest.raises(ValueError, match="needs a finite norm_length > 0"):
+            aggregate(VALUES, MASK, "seq-mean-token-sum-norm", norm_length=bad)
+    with pytest.raises(ValueError, match="needs a finite norm_length > 0"):
+        ppo_loss(VALUES, VALUES, VALUES, MASK, aggregation="seq-mean-token-sum-norm")
 
 
 def test_empty_batch_gives_zero():
@@ -248,7 +258,7 @@ def test_kl_penalty_bad_input():
         aggregate(torch.zeros(2, 2), torch.ones(2, 2), "median")
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode):
     # Gradient accumulation: the trainer passes the minibatch's token and sequence counts so the
     # micro-batch losses add up to the loss of the whole minibatch, for policy and KL terms alike.
@@ -260,7 +270,7 @@ def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode):
     adv = torch.randn(b, t, generator=g, dtype=torch.float64)
     mask = torch.rand(b, t, generator=g) < 0.7
     mask[:, 0] = True
-    kw = dict(ref_logprobs=ref, kl_coef=0.3, aggregation=mode, kl_aggregation="seq-mean-token-sum")
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, aggregation=mode, kl_aggregation="seq-mean-token-sum", norm_length=7.0)
     whole, _ = ppo_loss(lp, old, adv, mask, **kw)
     parts = 0.0
     for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):

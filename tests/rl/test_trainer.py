@@ -9,6 +9,7 @@ import torch
 
 from engine.model import create_tiny_checkpoint, load_model
 from engine.rl.config import ConfigError, load_config
+from engine.rl.loss import ppo_loss
 from engine.rl.rollout import Episode, mc_values, sample_episodes
 from engine.rl.steps import step_token_ends
 from engine.rl.trainer import Trainer, TrainingDiverged
@@ -71,6 +72,26 @@ def test_two_iterations_of_each_algorithm(tmp_path, algo):
     reloaded, tok = load_model(trainer.run_dir / "final")
     for p, q in zip(trainer.policy.parameters(), reloaded.parameters()):
         assert torch.equal(p, q)
+
+
+def test_dr_grpo_divides_summed_losses_by_the_generation_budget(tmp_path, monkeypatch):
+    import engine.rl.trainer as trainer_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args[2].clone(), args[3].clone(), kwargs))
+        return ppo_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "ppo_loss", spy)
+    cfg = fast_config(tmp_path, algo="grpo", grpo_scale_by_std=False, loss_aggregation="seq-mean-token-sum-norm",
+                      iterations=1, epochs=1, micro_batch_size=4)
+    make_trainer(cfg).run()
+    assert calls
+    for adv, mask, kw in calls:
+        assert kw["aggregation"] == "seq-mean-token-sum-norm" and kw["norm_length"] == cfg.max_new_tokens
+        # Two samples per prompt, 0/1 rewards: Dr.GRPO's advantages are r - mean, unscaled.
+        assert set(adv[mask.bool()].tolist()) <= {-0.5, 0.0, 0.5}
 
 
 def test_engine_samples_with_the_optimizers_parameters(tmp_path):
@@ -196,7 +217,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     ({"micro_batch_size": 3}, "not a multiple of micro_batch_size 3"),
     ({"colour": "blue"}, "unknown config key\\(s\\) colour"),
     ({"algo": "grpo", "samples_per_prompt": 1, "minibatch_size": 4}, "samples_per_prompt must be >= 2"),
-    ({"algo": "grpo", "grpo_scale_by_std": False}, "Dr.GRPO .* set loss_aggregation: seq-mean-token-sum"),
+    ({"algo": "grpo", "grpo_scale_by_std": False}, "Dr.GRPO .* set loss_aggregation: seq-mean-token-sum-norm"),
     ({"kv_memory_fraction": 0.0}, "kv_memory_fraction must be in \\(0, 1\\]"),
     ({"skip_ratio_above": 1.0}, "skip_ratio_above must be > 1"),
 ])
