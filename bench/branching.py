@@ -56,7 +56,8 @@ def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
     sync()
     t0 = time.perf_counter()
     responses = engine.generate(prompts, SamplingParams(n=args.responses, temperature=1.0, seed=args.seed,
-                                                        max_new_tokens=args.response_len, ignore_eos=True))
+                                                        max_new_tokens=args.response_len,
+                                                        ignore_eos=True).per_prompt(len(prompts)))
     sync()
     t1 = time.perf_counter()
     states, params = [], []

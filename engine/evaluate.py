@@ -17,11 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
-from engine.tasks import Task, load_task
+from engine.tasks import Task, load_task, parse_task_args
 from engine.tasks.grading import extract_gsm8k_answer, extract_math_answer, normalize_answer
 
 # VinePPO stops its MATH/GSM8K samples where the model starts a new few-shot problem.
@@ -52,7 +51,7 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    task = load_task(task_name, **(task_args or {}), **({"data": data} if data is not None else {}))
+    task = load_task(task_name, **merge_task_args(task_args, data))
     items = task.items(split)[:limit]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
@@ -62,7 +61,8 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                             stop=STOP_STRINGS.get(task_name, ()), seed=seed)
     t0 = time.perf_counter()
-    outputs = engine.generate([task.prompt(item) for item in items], params, progress=True)
+    # One seed per item: a shared seeded params would give every item's i-th sample the same random numbers.
+    outputs = engine.generate([task.prompt(item) for item in items], params.per_prompt(len(items)), progress=True)
     gen_seconds = time.perf_counter() - t0
     records, pass1, maj, passn = [], 0.0, 0, 0
     for item, samples in tqdm(list(zip(items, outputs)), desc="grade"):
@@ -97,12 +97,14 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     return report
 
 
-def parse_task_args(text: str) -> dict:
-    """argparse type of `--task-args`: a YAML mapping of task options."""
-    value = yaml.safe_load(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--task-args must be a YAML mapping like '{{steps: 3}}', got {text!r}")
-    return value
+def merge_task_args(task_args: dict | None, data: str | None) -> dict:
+    """load_task options from --task-args and --data (which may not both name the data)."""
+    options = dict(task_args or {})
+    if data is not None:
+        if "data" in options and options["data"] != data:
+            raise ValueError(f"--data {data!r} and --task-args data {options['data']!r} disagree; give one")
+        options["data"] = data
+    return options
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.evaluate import parse_task_args
+from engine.evaluate import merge_task_args
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl.optim import AdamW, warmup_linear_decay
-from engine.tasks import Item, Task, load_task
+from engine.tasks import Item, Task, load_task, parse_task_args
 
 
 def sft_batch(tokenizer, task: Task, items: list[Item], device: torch.device | str = "cpu"
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = load_model(source, device=device)
     if tok is None:
         raise SystemExit(f"{source} has no tokenizer files")
-    task = load_task(args.task, **(args.task_args or {}), **({"data": args.data} if args.data else {}))
+    task = load_task(args.task, **merge_task_args(args.task_args, args.data))
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 1e-5)
     losses = sft(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
     model.save_pretrained(str(out), tokenizer=tok)

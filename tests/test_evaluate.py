@@ -45,10 +45,17 @@ def test_task_args_choose_the_distribution(model_dir, tmp_path):
         assert 0 <= int(a) <= 3 and 0 <= int(b) <= 3
 
 
-def test_task_args_must_be_a_mapping(model_dir, capsys):
+@pytest.mark.parametrize("text, message", [("[1, 2]", "--task-args must be a YAML mapping"),
+                                           ("{steps: [2, 3", "--task-args is not valid YAML")])
+def test_task_args_must_be_a_mapping(model_dir, capsys, text, message):
     with pytest.raises(SystemExit):
-        main(["--model", str(model_dir), "--task", "arithmetic", "--task-args", "[1, 2]"])
-    assert "--task-args must be a YAML mapping" in capsys.readouterr().err
+        main(["--model", str(model_dir), "--task", "arithmetic", "--task-args", text])
+    assert message in capsys.readouterr().err
+
+
+def test_task_args_and_data_may_not_disagree(model_dir):
+    with pytest.raises(ValueError, match="--data 'b.jsonl' and --task-args data 'a.jsonl' disagree"):
+        main(["--model", str(model_dir), "--task", "gsm8k", "--task-args", "{data: a.jsonl}", "--data", "b.jsonl"])
 
 
 @pytest.mark.parametrize("args,error,match", [
@@ -65,3 +72,20 @@ def test_bad_input(model_dir, args, error, match):
 def test_missing_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--model", str(tmp_path / "nope"), "--task", "arithmetic"])
+
+
+def test_each_item_gets_its_own_seed(model_dir, tmp_path, monkeypatch):
+    from engine import Engine
+
+    seen = []
+    real = Engine.generate
+
+    def spy(self, prompts, params, progress=False):
+        seen.append(params)
+        return real(self, prompts, params, progress)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    main(["--model", str(model_dir), "--task", "arithmetic", "--n", "2", "--limit", "5", "--max-new-tokens", "4",
+          "--temperature", "1.0", "--out", str(tmp_path / "r.json")])
+    (params,) = seen
+    assert len(params) == 5 and len({p.seed for p in params}) == 5  # a shared seed would correlate the items

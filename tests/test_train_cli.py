@@ -33,6 +33,7 @@ def test_smoke_preset_with_overrides_runs_and_writes_its_outputs(tmp_path):
     (["--k", "0"], "k \\(MC rollouts per state\\) must be an integer >= 1"),
     (["--minibatch-size", "7"], "does not divide into minibatches of 7"),
     (["--preset", "gsm8k"], "needs a value for model"),
+    (["--task-args", "{steps: [2, 3"], "--task-args '\\{steps: \\[2, 3' is not valid YAML"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:

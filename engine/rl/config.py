@@ -170,9 +170,13 @@ class TrainConfig:
             if getattr(self, name) not in get_args(Aggregation):
                 raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
         if self.algo == "grpo" and not self.grpo_scale_by_std and self.loss_aggregation != "seq-mean-token-sum-norm":
-            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) divides each sequence's summed loss by a constant, "
-                              "max_new_tokens: set loss_aggregation: seq-mean-token-sum-norm "
+            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) divides each sequence's summed loss by a constant "
+                              "(max_new_tokens); set loss_aggregation: seq-mean-token-sum-norm "
                               f"(got {self.loss_aggregation!r})")
+        if self.algo == "grpo" and not self.grpo_scale_by_std and self.whiten:
+            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) leaves advantages unscaled; whitening would divide "
+                              f"them by the minibatch std again: set whiten_advantages: false "
+                              f"(got {self.whiten_advantages!r})")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:
@@ -239,7 +243,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 def parse_value(name: str, text: str) -> Any:
     """A command-line string as the type of config field `name` (YAML syntax: 1e-6, true, null, {a: 1})."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--{name.replace('_', '-')} {text!r} is not valid YAML ({e})") from None
     default = FIELD_TYPES[name].default
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

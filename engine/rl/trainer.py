@@ -519,14 +519,18 @@ class Trainer:
         self.policy.eval()
         params = SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=1.0,
                                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
-        # Evaluation draws from its own seeded generators, so it never moves the training RNG.
+        # Evaluation draws from its own seeded generators (one seed per item, so the items' samples
+        # are independent draws), so it never moves the training RNG.
+        per_item = [params] * len(self.eval_items)
         if cfg.eval_temperature > 0:
-            params = dataclasses.replace(params, seed=cfg.seed)
-        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], params,
+            per_item = dataclasses.replace(params, seed=cfg.seed).per_prompt(len(self.eval_items))
+        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], per_item,
                                     progress=self.progress and "evaluation")
-        rewards = [self.task.reward(c.text, it, c.finish_reason) for it, cs in zip(self.eval_items, outs) for c in cs]
-        acc = sum(rewards) / len(rewards)
-        return {"eval_accuracy": acc, "eval_stderr": math.sqrt(acc * (1 - acc) / len(self.eval_items)),
+        item_means = np.array([np.mean([self.task.reward(c.text, it, c.finish_reason) for c in cs])
+                               for it, cs in zip(self.eval_items, outs)])
+        # Standard error over items (the samples of one item are not independent of each other).
+        stderr = float(item_means.std(ddof=1) / math.sqrt(len(item_means))) if len(item_means) > 1 else 0.0
+        return {"eval_accuracy": float(item_means.mean()), "eval_stderr": stderr,
                 "time_eval": round(time.perf_counter() - t0, 3)}
 
     # ------------------------------------------------------------------ logging

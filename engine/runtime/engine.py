@@ -33,7 +33,7 @@ from engine.runtime.paged_attention import (
     PagedBatch,
     TorchPagedAttention,
 )
-from engine.runtime.params import Completion, EngineStats, SamplingParams, cut_at_stop
+from engine.runtime.params import Completion, EngineStats, SamplingParams, cut_at_stop, mix_seed
 from engine.runtime.sampler import sample
 from engine.runtime.scheduler import Scheduler
 from engine.runtime.sequence import Sequence, Status
@@ -321,7 +321,7 @@ class Engine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device)
-                gen.manual_seed(_mix_seed(params.seed, i))
+                gen.manual_seed(mix_seed(params.seed, i))
             seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, gen))
             self._next_seq_id += 1
         seqs[0].siblings = seqs[1:]
@@ -385,11 +385,6 @@ def _resolve_cuda_graphs(requested: bool | None, backend: str, device: torch.dev
     if requested and backend != "triton":
         raise ValueError(f"cuda_graphs needs attention_backend='triton'; the backend is {backend!r}")
     return bool(requested)
-
-
-def _mix_seed(seed: int, index: int) -> int:
-    """A distinct, well-spread generator seed for sample `index` of a request seeded `seed`."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 def _eos_ids(model: Transformer, tokenizer) -> frozenset[int]:

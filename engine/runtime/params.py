@@ -1,7 +1,7 @@
 """What a caller asks for (`SamplingParams`) and what it gets back (`Completion`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -16,7 +16,10 @@ class SamplingParams:
     stop_token_ids / stop: extra stop tokens and stop strings (strings need a tokenizer);
         the EOS token stops too unless ignore_eos.
     seed: per-request seed; the i-th sample draws from its own generator seeded by
-        (seed, i), so its tokens do not depend on what else is batched.
+        (seed, i), so its tokens do not depend on what else is batched. One seeded
+        SamplingParams shared by many prompts gives every prompt's i-th sample the same
+        random numbers (correlated samples: a bad estimate of accuracy); use
+        `params.per_prompt(len(prompts))` for one seed per prompt.
     logprobs: return the log-probability of each sampled token under the
         temperature-scaled distribution (before top-k / top-p), which is what a PPO
         trainer recomputes with logits / temperature.
@@ -53,6 +56,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def per_prompt(self, count: int) -> list["SamplingParams"]:
+        """One SamplingParams per prompt; when seeded, prompt k gets its own seed mixed from (seed, k).
+
+        Reproducible like the shared seed, but the prompts' samples are independent draws.
+        """
+        if self.seed is None:
+            return [self] * count
+        return [replace(self, seed=mix_seed(self.seed, k)) for k in range(count)]
+
+
+def mix_seed(seed: int, index: int) -> int:
+    """A distinct, well-spread seed for item `index` (a sample, a prompt) under seed `seed`."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 FinishReason = Literal["stop", "length"]

@@ -9,6 +9,10 @@
 """
 from __future__ import annotations
 
+import argparse
+
+import yaml
+
 from engine.tasks.arithmetic import ArithmeticTask
 from engine.tasks.base import (
     STEP_STYLES, VINEPPO_TEMPLATE, DatasetTask, Item, Task, TaskDataError, load_dataset_rows)
@@ -24,15 +28,26 @@ def load_task(name: str, **kwargs) -> Task:
 
     Data tasks take data=, template=, question_field=, answer_field=, config=; arithmetic
     takes template=, seed=, steps=, min_operand=, max_operand=, ops=, allow_negative=,
-    n_train=, n_test=.
+    n_train=, n_test=, answer_only_frac=.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](**kwargs)
 
 
+def parse_task_args(text: str) -> dict:
+    """The `--task-args` of the command lines: a YAML mapping of load_task options."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"--task-args is not valid YAML: {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--task-args must be a YAML mapping like '{{steps: 3}}', got {text!r}")
+    return value
+
+
 __all__ = [
     "STEP_STYLES", "TASKS", "VINEPPO_TEMPLATE", "ArithmeticTask", "DatasetTask", "GSM8KTask", "GraderPool",
     "Item", "MathTask", "Task", "TaskDataError", "gsm8k_correct", "load_dataset_rows", "load_task",
-    "math_correct",
+    "math_correct", "parse_task_args",
 ]

@@ -81,8 +81,9 @@ class ArithmeticTask(Task):
             raise ValueError(f"arithmetic: ops must be a non-empty subset of '+-*', got {ops!r}")
         if n_train < 1 or n_test < 1:
             raise ValueError(f"arithmetic: n_train and n_test must be >= 1, got {n_train}, {n_test}")
-        if not 0.0 <= answer_only_frac <= 1.0:
-            raise ValueError(f"arithmetic: answer_only_frac must be in [0, 1], got {answer_only_frac}")
+        if isinstance(answer_only_frac, bool) or not isinstance(answer_only_frac, (int, float)) \
+                or not 0.0 <= answer_only_frac <= 1.0:
+            raise ValueError(f"arithmetic: answer_only_frac must be a number in [0, 1], got {answer_only_frac!r}")
         self.seed, self.steps, self.ops = seed, (lo, hi), ops
         self.answer_only_frac = answer_only_frac
         self.operands, self.allow_negative = (min_operand, max_operand), allow_negative

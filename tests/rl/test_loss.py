@@ -258,8 +258,12 @@ def test_kl_penalty_bad_input():
         aggregate(torch.zeros(2, 2), torch.ones(2, 2), "median")
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode):
+MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("kl_mode", MODES)
+@pytest.mark.parametrize("mode", MODES)
+def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode, kl_mode):
     # Gradient accumulation: the trainer passes the minibatch's token and sequence counts so the
     # micro-batch losses add up to the loss of the whole minibatch, for policy and KL terms alike.
     g = torch.Generator().manual_seed(0)
@@ -270,11 +274,14 @@ def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode):
     adv = torch.randn(b, t, generator=g, dtype=torch.float64)
     mask = torch.rand(b, t, generator=g) < 0.7
     mask[:, 0] = True
-    kw = dict(ref_logprobs=ref, kl_coef=0.3, aggregation=mode, kl_aggregation="seq-mean-token-sum", norm_length=7.0)
+    ent = torch.rand(b, t, generator=g, dtype=torch.float64)
+    kw = dict(ref_logprobs=ref, kl_coef=0.3, aggregation=mode, kl_aggregation=kl_mode, norm_length=7.0,
+              entropy=ent, entropy_coef=0.05)
     whole, _ = ppo_loss(lp, old, adv, mask, **kw)
     parts = 0.0
     for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
-        part, _ = ppo_loss(lp[rows], old[rows], adv[rows], mask[rows], **{**kw, "ref_logprobs": ref[rows]},
+        part, _ = ppo_loss(lp[rows], old[rows], adv[rows], mask[rows],
+                           **{**kw, "ref_logprobs": ref[rows], "entropy": ent[rows]},
                            num_tokens=int(mask.sum()), num_seqs=b)
         parts = parts + part
     torch.testing.assert_close(parts, whole)

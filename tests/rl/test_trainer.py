@@ -92,6 +92,25 @@ def test_dr_grpo_divides_summed_losses_by_the_generation_budget(tmp_path, monkey
         assert kw["aggregation"] == "seq-mean-token-sum-norm" and kw["norm_length"] == cfg.max_new_tokens
         # Two samples per prompt, 0/1 rewards: Dr.GRPO's advantages are r - mean, unscaled.
         assert set(adv[mask.bool()].tolist()) <= {-0.5, 0.0, 0.5}
+    assert any(abs(a) == 0.5 for adv, mask, _ in calls for a in adv[mask.bool()].tolist())  # not all ties
+
+
+def test_evaluation_seeds_each_item_apart(tmp_path, monkeypatch):
+    trainer = make_trainer(fast_config(tmp_path, eval_samples=3, eval_temperature=0.6))
+    seen = []
+    real = trainer.engine.generate
+
+    def spy(prompts, params, progress=False):
+        seen.append(params)
+        return real(prompts, params, progress)
+
+    monkeypatch.setattr(trainer.engine, "generate", spy)
+    row = trainer.evaluate()
+    (params,) = seen
+    assert len(params) == len(trainer.eval_items) and len({p.seed for p in params}) == len(params)
+    assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["eval_stderr"] >= 0.0
+    again = trainer.evaluate()  # seeded: the same weights give the same number
+    assert (again["eval_accuracy"], again["eval_stderr"]) == (row["eval_accuracy"], row["eval_stderr"])
 
 
 def test_engine_samples_with_the_optimizers_parameters(tmp_path):
@@ -218,6 +237,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     ({"colour": "blue"}, "unknown config key\\(s\\) colour"),
     ({"algo": "grpo", "samples_per_prompt": 1, "minibatch_size": 4}, "samples_per_prompt must be >= 2"),
     ({"algo": "grpo", "grpo_scale_by_std": False}, "Dr.GRPO .* set loss_aggregation: seq-mean-token-sum-norm"),
+    ({"algo": "grpo", "grpo_scale_by_std": False, "loss_aggregation": "seq-mean-token-sum-norm",
+      "whiten_advantages": True}, "Dr.GRPO .* set whiten_advantages: false \\(got True\\)"),
     ({"kv_memory_fraction": 0.0}, "kv_memory_fraction must be in \\(0, 1\\]"),
     ({"skip_ratio_above": 1.0}, "skip_ratio_above must be > 1"),
 ])

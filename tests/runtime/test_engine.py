@@ -138,6 +138,24 @@ def test_seeded_request_does_not_depend_on_the_batch(tiny):
     assert alone[0].token_ids != alone[1].token_ids  # the two samples use different streams
 
 
+def test_per_prompt_seeds_make_the_prompts_samples_independent(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, page_size=4)
+    prompts = [tok.encode("9+9=")] * 3  # the same prompt three times
+    shared = SamplingParams(n=2, temperature=1.0, max_new_tokens=15, ignore_eos=True, seed=42)
+    same = engine.generate(prompts, shared)
+    # One seeded params for all: every prompt's i-th sample draws the same random numbers.
+    assert [c.token_ids for c in same[0]] == [c.token_ids for c in same[1]] == [c.token_ids for c in same[2]]
+    per_prompt = shared.per_prompt(3)
+    assert len({p.seed for p in per_prompt}) == 3 and all(p.n == 2 and p.temperature == 1.0 for p in per_prompt)
+    apart = engine.generate(prompts, per_prompt)
+    assert len({tuple(g[0].token_ids) for g in apart}) == 3  # independent draws
+    again = Engine(model, tok, page_size=4).generate(prompts, shared.per_prompt(3))
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in apart]  # reproducible
+    unseeded = SamplingParams(n=2).per_prompt(3)
+    assert unseeded == [SamplingParams(n=2)] * 3
+
+
 def test_no_stale_kv_after_the_weights_change(tiny):
     model, tok = tiny
     model = type(model)(model.config).eval()

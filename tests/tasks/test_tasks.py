@@ -242,8 +242,8 @@ def test_arithmetic_answer_only_solutions_are_train_only():
     assert 400 < bare < 600
     assert all(i.solution.startswith("####") for i in
                load_task("arithmetic", n_train=50, n_test=10, answer_only_frac=1.0).items("train"))
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match=r"answer_only_frac must be in \[0, 1\], got"):
+    for bad in (-0.1, 1.5, "1e-1", True):
+        with pytest.raises(ValueError, match=rf"answer_only_frac must be a number in \[0, 1\], got {bad!r}"):
             ArithmeticTask(answer_only_frac=bad)
 
 
