@@ -21,7 +21,6 @@ every `save_every` iterations; `resume=True` continues from the latest one exact
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -517,15 +516,13 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.policy.eval()
+        # Evaluation draws from its own seeded generators, so it never moves the training RNG; one
+        # seed per item, so the items' samples are independent draws.
         params = SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=1.0,
-                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
-        # Evaluation draws from its own seeded generators (one seed per item, so the items' samples
-        # are independent draws), so it never moves the training RNG.
-        per_item = [params] * len(self.eval_items)
-        if cfg.eval_temperature > 0:
-            per_item = dataclasses.replace(params, seed=cfg.seed).per_prompt(len(self.eval_items))
-        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items], per_item,
-                                    progress=self.progress and "evaluation")
+                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop,
+                                seed=cfg.seed if cfg.eval_temperature > 0 else None)
+        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items],
+                                    params.per_prompt(len(self.eval_items)), progress=self.progress and "evaluation")
         item_means = np.array([np.mean([self.task.reward(c.text, it, c.finish_reason) for c in cs])
                                for it, cs in zip(self.eval_items, outs)])
         # Standard error over items (the samples of one item are not independent of each other).
