@@ -14,7 +14,7 @@ from engine.rl.rollout import Episode, mc_values, sample_episodes
 from engine.rl.steps import step_token_ends
 from engine.rl.trainer import Trainer, TrainingDiverged
 from engine.runtime import Engine, SamplingParams
-from engine.tasks import ArithmeticTask
+from engine.tasks import ArithmeticTask, load_task
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 16}
@@ -111,6 +111,26 @@ def test_evaluation_seeds_each_item_apart(tmp_path, monkeypatch):
     assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["eval_stderr"] >= 0.0
     again = trainer.evaluate()  # seeded: the same weights give the same number
     assert (again["eval_accuracy"], again["eval_stderr"]) == (row["eval_accuracy"], row["eval_stderr"])
+
+
+def test_eval_stderr_is_over_items(tmp_path):
+    # Items alternate all-right / all-wrong: mean 0.5; the std of the 4 item means (ddof 1) is
+    # 0.577, so the stderr is 0.289 (a binomial formula on 4 items would give 0.25).
+    trainer = make_trainer(fast_config(tmp_path, eval_samples=3, eval_temperature=0.6))
+    right = {it.id for it in trainer.eval_items[::2]}
+    trainer.task.reward = lambda response, item, finish_reason="stop": float(item.id in right)
+    row = trainer.evaluate()
+    assert row["eval_accuracy"] == pytest.approx(0.5)
+    assert row["eval_stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+
+
+def test_default_preset_builds_its_task():
+    cfg = load_config("default")
+    task = load_task(cfg.task, **cfg.task_args)
+    train = task.items("train")
+    bare = sum(it.solution == f"#### {it.answer}" for it in train) / len(train)
+    assert 0.45 < bare < 0.55 and all("\n" in it.solution for it in task.items("test"))
+    assert len(task.items("test")) >= cfg.eval_items
 
 
 def test_engine_samples_with_the_optimizers_parameters(tmp_path):
