@@ -1,7 +1,6 @@
 #include "radix_tree.h"
 
 #include <algorithm>
-#include <queue>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -33,16 +32,52 @@ std::vector<int32_t> RadixTree::pages_of(const std::vector<int64_t>& slots) cons
   return {pages.begin(), pages.end()};
 }
 
-int64_t RadixTree::new_node(int64_t parent, std::vector<int32_t> key, std::vector<int64_t> slots) {
+bool RadixTree::is_evictable(const Node& n) {
+  return n.id != 0 && n.children.empty() && n.lock_ref == 0;
+}
+
+RadixTree::EvictKey RadixTree::evict_key_of(const Node& n) {
+  return {n.hold_ref > 0 ? 1 : 0, n.last_access, n.id};
+}
+
+void RadixTree::refresh(int64_t id) {
+  Node& n = node(id);
+  if (n.evictable) {
+    evictable_.erase(n.evict_key);
+    n.evictable = false;
+  }
+  if (is_evictable(n)) {
+    n.evict_key = evict_key_of(n);
+    evictable_.insert(n.evict_key);
+    n.evictable = true;
+  }
+}
+
+void RadixTree::touch(int64_t id, uint64_t now) {
+  node(id).last_access = now;
+  refresh(id);
+}
+
+void RadixTree::add_along_path(int64_t id, int64_t Node::*field, int64_t delta) {
+  for (int64_t cur = id; cur != -1; cur = node(cur).parent) {
+    node(cur).*field += delta;
+    refresh(cur);  // only a leaf's key changes, but re-filing every node keeps the rule simple
+  }
+}
+
+int64_t RadixTree::new_node(int64_t parent, std::vector<int32_t> key, std::vector<int64_t> slots,
+                            uint64_t last_access) {
   auto n = std::make_unique<Node>();
   n->id = next_id_++;
   n->parent = parent;
   n->key = std::move(key);
   n->slots = std::move(slots);
-  n->last_access = ++clock_;
+  n->last_access = last_access;
   const int64_t id = n->id;
   node(parent).children[n->key[0]] = id;
   nodes_.emplace(id, std::move(n));
+  refresh(id);      // a new node is a leaf
+  refresh(parent);  // which its parent no longer is
   return id;
 }
 
@@ -59,14 +94,18 @@ int64_t RadixTree::split(int64_t child_id, size_t at) {
   allocator_->retain(shared);
 
   const int64_t lock_ref = child.lock_ref;
+  const int64_t hold_ref = child.hold_ref;
   const uint64_t last_access = child.last_access;
   const int32_t child_first = child.key[0];
-  const int64_t upper = new_node(parent_id, std::move(upper_key), std::move(upper_slots));
+  // new_node() replaces the child in the parent's children (same first token).
+  const int64_t upper = new_node(parent_id, std::move(upper_key), std::move(upper_slots), last_access);
   Node& up = node(upper);
-  up.lock_ref = lock_ref;  // every lock below the upper node passes through it
-  up.last_access = last_access;
+  up.lock_ref = lock_ref;  // every lock below the upper node passes through it,
+  up.hold_ref = hold_ref;  // and so does every hold (the lower node keeps its own holds)
   up.children[child_first] = child_id;
   node(child_id).parent = upper;
+  refresh(upper);     // has a child: not evictable
+  refresh(child_id);  // its children, refs and last_access are unchanged: the same key
   return upper;
 }
 
@@ -85,8 +124,8 @@ MatchResult RadixTree::match_prefix(const std::vector<int32_t>& tokens, int64_t 
     while (k < child.key.size() && pos + k < limit && child.key[k] == tokens[pos + k]) ++k;
     int64_t next = child.id;
     if (k < child.key.size()) next = split(child.id, k);
-    Node& m = node(next);
-    m.last_access = now;
+    touch(next, now);
+    const Node& m = node(next);
     out.slots.insert(out.slots.end(), m.slots.begin(), m.slots.end());
     pos += k;
     cur = next;  // after a split the next lookup misses (or pos == limit) and the loop ends
@@ -97,31 +136,56 @@ MatchResult RadixTree::match_prefix(const std::vector<int32_t>& tokens, int64_t 
 }
 
 InsertResult RadixTree::insert(const std::vector<int32_t>& tokens, const std::vector<int64_t>& slots,
-                               int64_t version) {
+                               int64_t version, bool cold) {
   if (tokens.size() != slots.size()) {
     throw std::invalid_argument("insert: " + std::to_string(tokens.size()) + " tokens but " +
                                 std::to_string(slots.size()) + " slots");
   }
+  return insert_prefix(tokens, tokens.size(), slots, version, cold);
+}
+
+InsertResult RadixTree::insert_paged(const std::vector<int32_t>& tokens,
+                                     const std::vector<int32_t>& page_table, int64_t num_tokens,
+                                     int64_t version, bool cold) {
+  if (num_tokens < 0 || num_tokens > static_cast<int64_t>(tokens.size())) {
+    throw std::invalid_argument("insert_paged: num_tokens " + std::to_string(num_tokens) +
+                                " is outside [0, " + std::to_string(tokens.size()) +
+                                "] (the number of tokens given)");
+  }
+  const int64_t capacity = static_cast<int64_t>(page_table.size()) * allocator_->page_size();
+  if (num_tokens > capacity) {
+    throw std::invalid_argument("insert_paged: num_tokens " + std::to_string(num_tokens) +
+                                " exceeds the page table's " + std::to_string(capacity) + " slots (" +
+                                std::to_string(page_table.size()) + " pages of " +
+                                std::to_string(allocator_->page_size()) + ")");
+  }
+  const std::vector<int64_t> slots = allocator_->slot_mapping(page_table, 0, num_tokens);
+  return insert_prefix(tokens, static_cast<size_t>(num_tokens), slots, version, cold);
+}
+
+InsertResult RadixTree::insert_prefix(const std::vector<int32_t>& tokens, size_t n,
+                                      const std::vector<int64_t>& slots, int64_t version, bool cold) {
   if (version != version_) return {-1, 0};  // KV from older weights: never cached
   int64_t cur = 0;
   size_t pos = 0;
   const uint64_t now = ++clock_;
-  while (pos < tokens.size()) {
-    Node& n = node(cur);
-    auto it = n.children.find(tokens[pos]);
-    if (it == n.children.end()) {
-      std::vector<int32_t> key(tokens.begin() + pos, tokens.end());
-      std::vector<int64_t> vals(slots.begin() + pos, slots.end());
+  while (pos < n) {
+    Node& parent = node(cur);
+    auto it = parent.children.find(tokens[pos]);
+    if (it == parent.children.end()) {
+      std::vector<int32_t> key(tokens.begin() + pos, tokens.begin() + n);
+      std::vector<int64_t> vals(slots.begin() + pos, slots.begin() + n);
       allocator_->retain(pages_of(vals));
       const int64_t adopted = static_cast<int64_t>(key.size());
-      cur = new_node(cur, std::move(key), std::move(vals));
+      // A cold node sorts before every warm one (warm stamps are ++clock_ >= 1), oldest id first.
+      cur = new_node(cur, std::move(key), std::move(vals), cold ? 0 : now);
       return {cur, adopted};
     }
     Node& child = node(it->second);
     size_t k = 0;
-    while (k < child.key.size() && pos + k < tokens.size() && child.key[k] == tokens[pos + k]) ++k;
+    while (k < child.key.size() && pos + k < n && child.key[k] == tokens[pos + k]) ++k;
     cur = k < child.key.size() ? split(child.id, k) : child.id;
-    node(cur).last_access = now;
+    touch(cur, now);
     pos += k;
   }
   return {cur, 0};
@@ -129,38 +193,71 @@ InsertResult RadixTree::insert(const std::vector<int32_t>& tokens, const std::ve
 
 void RadixTree::lock(int64_t id) {
   node(id);  // validates the id
-  for (int64_t cur = id; cur != -1; cur = node(cur).parent) ++node(cur).lock_ref;
+  add_along_path(id, &Node::lock_ref, 1);
 }
 
 void RadixTree::unlock(int64_t id) {
   for (int64_t cur = id; cur != -1; cur = node(cur).parent) {
     if (node(cur).lock_ref <= 0) throw std::invalid_argument("unlock of unlocked radix node " + std::to_string(id));
   }
-  for (int64_t cur = id; cur != -1; cur = node(cur).parent) --node(cur).lock_ref;
+  add_along_path(id, &Node::lock_ref, -1);
+}
+
+void RadixTree::hold(int64_t id) {
+  ++node(id).own_holds;  // validates the id
+  add_along_path(id, &Node::hold_ref, 1);
+}
+
+bool RadixTree::release_hold(int64_t id) {
+  auto live = nodes_.find(id);
+  if (live == nodes_.end()) {
+    auto gone = evicted_holds_.find(id);
+    if (gone == evicted_holds_.end()) {
+      throw std::invalid_argument("release_hold of radix node " + std::to_string(id) +
+                                  ": no such node, and none evicted while held");
+    }
+    if (--gone->second == 0) evicted_holds_.erase(gone);
+    return false;  // the hold went with the node when it was evicted
+  }
+  Node& n = *live->second;
+  if (n.own_holds <= 0) {
+    throw std::invalid_argument("release_hold of radix node " + std::to_string(id) +
+                                ", which has no hold of its own (hold_ref " +
+                                std::to_string(n.hold_ref) + ")");
+  }
+  --n.own_holds;
+  add_along_path(id, &Node::hold_ref, -1);
+  return true;
 }
 
 void RadixTree::remove_leaf(int64_t id) {
   Node& n = node(id);
+  if (n.evictable) evictable_.erase(n.evict_key);
   allocator_->release(pages_of(n.slots));
-  node(n.parent).children.erase(n.key[0]);
+  const int64_t parent = n.parent;
+  node(parent).children.erase(n.key[0]);
   nodes_.erase(id);
+  refresh(parent);  // it may have become a leaf
+}
+
+void RadixTree::evict_leaf(int64_t id) {
+  const Node& n = node(id);
+  if (n.hold_ref > 0) {
+    // A leaf's hold_ref is exactly its own holds: they leave the tree with it, and each
+    // later release_hold(id) settles one of them.
+    const int64_t holds = n.hold_ref;
+    evicted_holds_[id] += holds;
+    add_along_path(n.parent, &Node::hold_ref, -holds);
+  }
+  remove_leaf(id);
 }
 
 int64_t RadixTree::evict(int64_t target_free_pages) {
-  using Entry = std::pair<uint64_t, int64_t>;  // (last_access, id): oldest first
-  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> leaves;
-  for (const auto& [id, n] : nodes_) {
-    if (id != 0 && n->children.empty() && n->lock_ref == 0) leaves.emplace(n->last_access, id);
-  }
   int64_t evicted = 0;
-  while (allocator_->num_free() < target_free_pages && !leaves.empty()) {
-    const int64_t id = leaves.top().second;
-    leaves.pop();
-    const int64_t parent = node(id).parent;
+  while (allocator_->num_free() < target_free_pages && !evictable_.empty()) {
+    const int64_t id = std::get<2>(*evictable_.begin());  // smallest (tier, last_access, id)
     evicted += static_cast<int64_t>(node(id).key.size());
-    remove_leaf(id);
-    const Node& p = node(parent);
-    if (parent != 0 && p.children.empty() && p.lock_ref == 0) leaves.emplace(p.last_access, parent);
+    evict_leaf(id);
   }
   return evicted;
 }
@@ -174,6 +271,8 @@ void RadixTree::reset() {
     if (id != 0) allocator_->release(pages_of(n->slots));
   }
   nodes_.clear();
+  evictable_.clear();
+  evicted_holds_.clear();
   auto root = std::make_unique<Node>();
   nodes_.emplace(0, std::move(root));
   ++version_;
@@ -217,6 +316,8 @@ std::unordered_map<int32_t, int32_t> RadixTree::page_refs() const {
 
 int64_t RadixTree::lock_ref(int64_t id) const { return node(id).lock_ref; }
 
+int64_t RadixTree::hold_ref(int64_t id) const { return node(id).hold_ref; }
+
 std::vector<int32_t> RadixTree::tokens_of(int64_t id) const {
   std::vector<const Node*> path;
   for (int64_t cur = id; cur != -1; cur = node(cur).parent) path.push_back(&node(cur));
@@ -232,15 +333,50 @@ void RadixTree::check_invariants() const {
     };
     if (id != 0 && (n->key.empty() || n->key.size() != n->slots.size())) fail("key/slots size");
     if (n->lock_ref < 0) fail("negative lock count");
-    int64_t child_locks = 0;
+    if (n->hold_ref < 0) fail("negative hold count");
+    if (n->own_holds < 0) fail("negative own hold count");
+    int64_t child_locks = 0, child_holds = 0;
     for (const auto& [tok, cid] : n->children) {
       const Node& c = node(cid);
       if (c.parent != id) fail("child's parent pointer");
       if (c.key.empty() || c.key[0] != tok) fail("child keyed by a token it does not start with");
       child_locks += c.lock_ref;
+      child_holds += c.hold_ref;
     }
     if (n->lock_ref < child_locks) fail("lock count below the sum of its children's");
+    if (n->hold_ref < child_holds) fail("hold count below the sum of its children's");
+    if (n->hold_ref != n->own_holds + child_holds) fail("hold count is not own holds + children's");
     if (id != 0 && !node(n->parent).children.count(n->key[0])) fail("not linked from its parent");
+    if (id >= next_id_) fail("id not yet handed out");
+  }
+  check_evictable_set();
+  for (const auto& [id, holds] : evicted_holds_) {
+    if (nodes_.count(id) || id <= 0 || id >= next_id_ || holds < 1) {
+      throw std::logic_error("radix invariant broken: evicted-holds entry " + std::to_string(id) +
+                             " -> " + std::to_string(holds));
+    }
+  }
+}
+
+void RadixTree::check_evictable_set() const {
+  size_t eligible = 0;
+  for (const auto& [id, n] : nodes_) {
+    auto fail = [&](const std::string& what) {
+      throw std::logic_error("radix evictable set broken at node " + std::to_string(id) + ": " + what);
+    };
+    if (!is_evictable(*n)) {
+      if (n->evictable) fail("filed as evictable but is the root, has children or is locked");
+      continue;
+    }
+    ++eligible;
+    if (!n->evictable) fail("an unlocked leaf missing from the evictable set");
+    if (n->evict_key != evict_key_of(*n)) fail("filed under a stale (tier, last_access) key");
+    if (!evictable_.count(n->evict_key)) fail("its key is not in the evictable set");
+  }
+  // Keys are distinct (they end in the id), so equal sizes mean no extra entries.
+  if (evictable_.size() != eligible) {
+    throw std::logic_error("radix evictable set has " + std::to_string(evictable_.size()) +
+                           " entries for " + std::to_string(eligible) + " evictable leaves");
   }
 }
 
