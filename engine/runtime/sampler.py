@@ -1,66 +1,307 @@
-"""Next-token sampling: temperature, top-k, top-p, per-request generators."""
+"""Next-token sampling for a whole batch at once: temperature, top-k, top-p, greedy, log-probs.
+
+`sample(logits [B, V], SamplingBatch)` draws one token per row with a fixed number of tensor
+operations whatever B is (no Python loop over rows), and costs exactly one device->host
+transfer per step in the common case: the tokens (and their log-probs, and the rows that
+need the rare full-sort fallback) come back together in one copy.
+
+Randomness is counter-based. Each row brings its own uniform u in (0, 1], a pure hash of
+(the sequence's seed, the position of the token being drawn) computed on the host by
+`counter_uniforms`, and the token is the inverse CDF of the row's filtered distribution at
+u. Hence:
+  * a seeded row is reproducible without a torch.Generator per row, and its token does not
+    depend on what else is batched (every operation below is row-wise);
+  * a draw is keyed by (seed, position), not by how many numbers a generator has handed out,
+    so a sequence that is preempted and recomputed, or forked from a shared prefix, redraws
+    exactly the numbers it would have drawn anyway.
+
+The one-sync contract. Rows without a cut (top_p == 1, top_k == 0) draw from the cumulative
+sum of the unsorted full-vocabulary probabilities: no sort. Rows with a cut take the
+`candidates` most likely tokens (torch.topk, sorted) and apply top-k / top-p to them, which
+is exact when the row's top-k lies within the candidates, or when it has no top-k cut and
+the candidates' mass reaches its top_p. A row where neither holds is flagged on the device;
+the flag travels with the tokens in the single transfer, and only then (rare: a top_p close
+to 1 over a flat distribution, or top_k > candidates) are those rows redone with a full
+descending sort and a second transfer.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence as Seq
 
+import numpy as np
 import torch
 
-from engine.runtime.params import SamplingParams
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def counter_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One uniform in (0, 1] per row, a pure function of (seed, position): float32 [B].
+
+    seeds: uint64 [B] (each sequence's own seed); positions: int64 [B] (the index in the
+    sequence of the token being sampled). x = seed ^ (position + 1) * golden ratio, then the
+    splitmix64 finaliser; the top 24 bits give u = (k + 1) / 2**24, k in [0, 2**24): exactly
+    representable in float32, never 0 (so target = u * total > 0 in the draw), at most 1.
+    """
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.int64)
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
+        x = seeds ^ ((positions.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+        x = x ^ (x >> np.uint64(30))
+        x = x * _MIX1
+        x = x ^ (x >> np.uint64(27))
+        x = x * _MIX2
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(40)) + np.uint64(1)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one step, as tensors on the logits' device."""
+
+    temperature: torch.Tensor    # float32 [B], > 0 (1.0 on greedy rows)
+    top_p: torch.Tensor          # float32 [B] in (0, 1]
+    top_k: torch.Tensor          # int64 [B], 0 = no top-k cut
+    uniform: torch.Tensor        # float32 [B] in (0, 1]: the row's draw (counter_uniforms)
+    greedy: torch.Tensor | None  # bool [B]; None when no row is greedy
+    all_greedy: bool             # host-known: every row is greedy (skip sampling entirely)
+    any_cut: bool                # host-known: some non-greedy row has top_p < 1 or top_k > 0
+    want_logprobs: bool          # host-known: some row asked for log-probs
+
+    @classmethod
+    def build(
+        cls,
+        temperature: Seq[float] | np.ndarray,
+        top_p: Seq[float] | np.ndarray,
+        top_k: Seq[int] | np.ndarray,
+        uniform: Seq[float] | np.ndarray,
+        *,
+        want_logprobs: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> "SamplingBatch":
+        """From host arrays, with SamplingParams' convention temperature 0 = greedy.
+
+        Vectorised (no loop over rows), with one host->device copy for all the columns. (The
+        engine packs its own tensors; this is a convenience for tests and simple callers.)
+        """
+        temperature = np.asarray(temperature, dtype=np.float64)
+        greedy = temperature == 0
+        top_p = np.asarray(top_p, dtype=np.float64)
+        top_k = np.asarray(top_k, dtype=np.int64)
+        uniform = np.asarray(uniform, dtype=np.float32)  # float32 values survive float64 exactly
+        packed = np.stack([np.where(greedy, 1.0, temperature), top_p, top_k, uniform, greedy])
+        dev = torch.from_numpy(packed).to(device)
+        return cls(
+            temperature=dev[0].float(), top_p=dev[1].float(), top_k=dev[2].long(), uniform=dev[3].float(),
+            greedy=dev[4].bool() if greedy.any() else None,
+            all_greedy=bool(greedy.all()),
+            any_cut=bool((~greedy & ((top_p < 1) | (top_k > 0))).any()),
+            want_logprobs=want_logprobs,
+        )
 
 
 def sample(
-    logits: torch.Tensor,
-    params: Seq[SamplingParams],
-    generators: Seq[torch.Generator | None],
-) -> tuple[list[int], list[float]]:
+    logits: torch.Tensor, batch: SamplingBatch, *, candidates: int = 256,
+) -> tuple[list[int], list[float] | None]:
     """Sample one token per row of logits [B, V] (any float dtype; math in fp32).
 
-    Row b follows params[b]; a row with a generator draws only from it, and every step of
-    the filtering is row-wise, so a seeded row's token does not depend on the other rows.
-    Returns the tokens and their log-probabilities under softmax(logits / temperature)
-    (temperature 1 for greedy rows), before the top-k / top-p cut.
+    Greedy rows take the argmax of the raw logits. Other rows draw from softmax(logits /
+    temperature) after the row's top-k cut and then its top-p cut (the smallest
+    descending-probability prefix whose mass reaches top_p survives: a token is kept if the
+    mass strictly before it is below top_p, so the most likely token always is),
+    renormalised, at the inverse CDF of the row's uniform. Returns the tokens and, when
+    batch.want_logprobs, their log-probabilities under log_softmax(logits / temperature)
+    (temperature 1 for greedy rows) before any cut; else None.
+
+    Every operation is row-wise: a row's token depends only on its own logits, parameters
+    and uniform. One device->host transfer, two when some row needs the full-sort fallback.
+    Raises ValueError when a sampled row's logits are not finite (NaN, +inf, all -inf).
     """
-    logits = logits.float()
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-    scaled = logits / temps[:, None]
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    if bool(greedy.any()):
-        tokens[greedy] = logits[greedy].argmax(-1)
-    sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
-        probs = _filtered_probs(logprobs[rows], [params[b] for b in sampled_rows])
-        free = [r for r, b in enumerate(sampled_rows) if generators[b] is None]
-        if free:
-            tokens[rows[free]] = torch.multinomial(probs[free], 1).squeeze(1)
-        for r, b in enumerate(sampled_rows):
-            if generators[b] is not None:
-                tokens[b] = torch.multinomial(probs[r], 1, generator=generators[b])[0]
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    B, V = logits.shape
+    if B == 0:
+        return [], ([] if batch.want_logprobs else None)
+    if batch.all_greedy:
+        token = logits.argmax(-1)
+        chosen = None
+        if batch.want_logprobs:
+            chosen = torch.log_softmax(logits.float(), -1).gather(1, token[:, None]).squeeze(1)
+        return _as_lists(*_unpack(_to_host(_pack(token, chosen)), batch.want_logprobs))
 
-
-def _filtered_probs(logprobs: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
-    """Probabilities after each row's top-k cut, then top-p cut (as transformers and vLLM order them).
-
-    Rows without a cut get exp(logprobs) untouched, whatever the other rows ask for.
-    """
+    scaled = logits.float()
+    t = batch.temperature.float()[:, None]
+    scaled = scaled / t if scaled.data_ptr() == logits.data_ptr() else scaled.div_(t)  # never write the input
+    logprobs = torch.log_softmax(scaled, -1)
+    del scaled
     probs = logprobs.exp()
-    cut = [r for r, p in enumerate(params) if p.top_k or p.top_p < 1]
-    if not cut:
-        return probs
-    rows = torch.tensor(cut, device=logprobs.device)
-    top_k = torch.tensor([params[r].top_k or logprobs.shape[-1] for r in cut], device=logprobs.device)
-    top_p = torch.tensor([params[r].top_p for r in cut], device=logprobs.device)
-    sorted_p, order = probs[rows].sort(dim=-1, descending=True)
-    rank = torch.arange(logprobs.shape[-1], device=logprobs.device)[None, :]
-    sorted_p = torch.where(rank < top_k[:, None], sorted_p, 0.0)
-    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    u = batch.uniform.double()
+    top_p = batch.top_p.float()
+
+    # Rows without a cut: inverse CDF over the unsorted vocabulary, no sort.
+    token, weight, total = _inverse_cdf(probs, u)
+    redo = None
+    if batch.any_cut:
+        k, cut = _effective_top_k(batch.top_k, top_p, V)
+        c = min(candidates, V)
+        cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
+        kept, mass = _cut_sorted(cand_p, top_p, k, total=total.float())
+        # Exact on the candidates when the top-k cut lies within them, or when there is no
+        # top-k cut and their mass reaches top_p (the first token past them is then cut,
+        # and so is every later one). Else the row needs the full sort.
+        exact = (k <= c) | ((k >= V) & (mass >= top_p))
+        idx, cand_w, _ = _inverse_cdf(kept, u, flat=True)
+        token = torch.where(cut, cand_i.gather(1, idx[:, None]).squeeze(1), token)
+        weight = torch.where(cut, cand_w, weight)
+        redo = cut & ~exact
+    # Guard: the draw cannot land on a zero weight as long as a zero weight leaves the running
+    # sum unchanged (see _inverse_cdf), which the candidates' flattened CDF guarantees and the
+    # unsorted one (not flattened: a cummax over [B, V] would cost another pass) gets from
+    # torch's scans. A row that lands on one anyway, or whose logits are not finite (NaN
+    # weights), is redone by the fallback, which draws from a flattened CDF or raises.
+    bad = ~(weight > 0)
+    redo = bad if redo is None else redo | bad
+    if batch.greedy is not None:
+        greedy = batch.greedy.bool()
+        token = torch.where(greedy, logits.argmax(-1), token)
+        redo = redo & ~greedy
+    token = torch.where(redo, -1, token)
+    chosen = logprobs.gather(1, token.clamp(min=0)[:, None]).squeeze(1) if batch.want_logprobs else None
+    tokens, lps = _unpack(_to_host(_pack(token, chosen)), batch.want_logprobs)  # the one sync of the common case
+    rows = np.flatnonzero(tokens < 0)
+    if rows.size:
+        tokens[rows], redo_lps = _redo_full_sort(probs, logprobs, batch, rows)
+        if lps is not None:
+            lps[rows] = redo_lps
+    return _as_lists(tokens, lps)
+
+
+def reference_filtered_probs(logprobs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Probabilities after each row's top-k cut, then top-p cut (as transformers and vLLM order them), by a full sort.
+
+    logprobs [B, V]; top_p float [B] in (0, 1]; top_k int64 [B], 0 = none. The filtered
+    rows are renormalised; rows without a cut (top_p == 1 and top_k == 0) get
+    exp(logprobs) untouched, whatever the other rows ask for.
+    """
+    probs = logprobs.float().exp()
+    V = probs.shape[-1]
+    top_p = top_p.to(probs.device, torch.float32)
+    top_k = top_k.to(probs.device, torch.int64)
+    k, _ = _effective_top_k(top_k, top_p, V)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    kept, _ = _cut_sorted(sorted_p, top_p, k)
+    kept = kept / kept.sum(-1, keepdim=True)
+    filtered = torch.zeros_like(kept).scatter_(1, order, kept)
+    return torch.where(((top_k > 0) | (top_p < 1))[:, None], filtered, probs)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _effective_top_k(top_k: torch.Tensor, top_p: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, cut): k = top_k when it cuts (0 < top_k < V) else V; cut = the row has a real cut.
+
+    A top_k >= V cuts nothing, so such a row with top_p == 1 takes the unsorted path.
+    """
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)
+    return k, (top_p < 1) | (k < V)
+
+
+def _cut_sorted(
+    sorted_p: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, total: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k then top-p on descending probabilities [R, N] (all V of them, or the first N).
+
+    Returns the kept weights (renormalised after the top-k cut, not after the top-p cut) and
+    the mass of all N tokens after the top-k renormalisation. The top-k renormalisation
+    divides by the sum of the kept tokens; with `total` (the row's full probability mass),
+    a row whose top-k reaches past the N given tokens divides by `total` instead (exact
+    when it has no top-k cut at all).
+    """
+    n = sorted_p.shape[-1]
+    rank = torch.arange(n, device=sorted_p.device)
+    p = torch.where(rank < k[:, None], sorted_p, 0.0)
+    denom = p.sum(-1)
+    if total is not None:
+        denom = torch.where(k <= n, denom, total)
+    p = p / denom[:, None]
+    cum = p.cumsum(-1)
     # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose
     # mass reaches top_p survives, and the most likely token always does.
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    sorted_p = torch.where(mass_before < top_p[:, None], sorted_p, 0.0)
-    probs[rows] = torch.zeros_like(sorted_p).scatter_(1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
-    return probs
+    return torch.where(cum - p < top_p[:, None], p, 0.0), cum[:, -1]
+
+
+def _inverse_cdf(
+    weights: torch.Tensor, u: torch.Tensor, *, flat: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the first index whose cumulative weight reaches u * total: (index, its weight, total).
+
+    weights [R, N] >= 0 (unnormalised), u float64 [R] in (0, 1]. The CDF is summed in
+    float64: in float32, a tail token below half an ulp of the running sum (~3e-8 near 1)
+    would be absorbed and never drawn, and a 150k vocabulary has a lot of such tail.
+
+    Why a zero-weight token is never returned: target = u * total is > 0 (u >= 2**-24 and
+    total >= the largest weight > 0) and <= total (u <= 1, and rounding is monotone), and
+    searchsorted(right=False) returns i with cdf[i] >= target and, for i > 0, cdf[i - 1] <
+    target (binary search returns an index it compared, or N, and cdf[N-1] = total >= target
+    excludes N). So cdf[i] > cdf[i - 1] (or cdf[0] > 0): the weight at i is positive,
+    provided a zero weight leaves the running sum unchanged. It does with torch's scans
+    (sequential on CPU; Sklansky on CUDA adds a zero to an exact partial sum), except in
+    principle CUDA's single-row CUB scan, which may reassociate; `flat` makes it hold by
+    construction (zero-weight entries copy the previous CDF value: cummax of the CDF with
+    -inf at zeros) at the cost of a cummax, which the callers pay only on narrow tensors.
+    """
+    cdf = weights.double().cumsum_(-1)
+    if flat:
+        cdf = torch.where(weights > 0, cdf, float("-inf")).cummax(-1).values
+    total = cdf[:, -1].clone()  # not a view: the [R, N] float64 CDF is freed on return
+    target = (u * total)[:, None]
+    idx = torch.searchsorted(cdf, target, right=False).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+    return idx, weights.gather(1, idx[:, None]).squeeze(1), total
+
+
+def _redo_full_sort(
+    probs: torch.Tensor, logprobs: torch.Tensor, batch: SamplingBatch, rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fallback: redraw `rows` (host indices) with a full descending sort and the same uniforms."""
+    V = probs.shape[-1]
+    index = torch.from_numpy(rows.astype(np.int64)).to(probs.device)
+    top_p = batch.top_p[index].float()
+    k, cut = _effective_top_k(batch.top_k[index], top_p, V)
+    sorted_p, order = probs.index_select(0, index).sort(dim=-1, descending=True)
+    kept, _ = _cut_sorted(sorted_p, top_p, k)
+    kept = torch.where(cut[:, None], kept, sorted_p)  # a row without a cut got here by the guard only
+    idx, weight, _ = _inverse_cdf(kept, batch.uniform[index].double(), flat=True)
+    token = torch.where(weight > 0, order.gather(1, idx[:, None]).squeeze(1), -1)
+    chosen = None
+    if batch.want_logprobs:
+        chosen = logprobs.index_select(0, index).gather(1, token.clamp(min=0)[:, None]).squeeze(1)
+    tokens, lps = _unpack(_to_host(_pack(token, chosen)), batch.want_logprobs)
+    failed = rows[tokens < 0]
+    if failed.size:
+        raise ValueError(
+            f"cannot sample rows {failed.tolist()}: their logits are not finite (NaN, +inf or all -inf)"
+        )
+    return tokens, lps
+
+
+def _pack(token: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+    """Tokens (and log-probs) in one tensor, for one transfer; token ids < 2**53 are exact in float64."""
+    return token if chosen is None else torch.stack((token.double(), chosen.double()))
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """The device->host transfer (a sync on CUDA)."""
+    return t.cpu().numpy()
+
+
+def _unpack(host: np.ndarray, want_logprobs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens int64 [B], log-probs float64 [B] or None) from what _pack sent."""
+    if not want_logprobs:
+        return host.astype(np.int64, copy=True), None
+    return host[0].astype(np.int64), host[1].copy()
+
+
+def _as_lists(tokens: np.ndarray, lps: np.ndarray | None) -> tuple[list[int], list[float] | None]:
+    return tokens.tolist(), (None if lps is None else lps.tolist())
