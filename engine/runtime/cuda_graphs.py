@@ -35,7 +35,8 @@ from typing import Sequence as Seq
 import torch
 
 from engine.runtime.paged_attention import KVPool
-from engine.runtime.triton_attention import StaticDecodeAttention, TritonBatch
+from engine.runtime.batch import StepBatch
+from engine.runtime.triton_attention import StaticDecodeAttention
 
 MAX_GRAPH_BATCH = 256
 
@@ -93,7 +94,7 @@ class DecodeGraphRunner:
         """The one slot padding rows write and read."""
         return self.scratch_page * self.page_size
 
-    def fits(self, batch: TritonBatch) -> bool:
+    def fits(self, batch: StepBatch) -> bool:
         """Can this step run here? Decode rows only, no sibling groups, within the static shapes."""
         return (batch.num_extend_tokens == 0 and 0 < batch.num_decode <= self.sizes[-1]
                 and batch.group_offsets is None and batch.decode_tables.shape[1] <= self.max_pages
@@ -103,8 +104,8 @@ class DecodeGraphRunner:
         return next(s for s in self.sizes if s >= rows)
 
     @torch.no_grad()
-    def run(self, token_ids: Seq[int], batch: TritonBatch) -> torch.Tensor:
-        """Hidden states [B, d] of a decode-only step (batch: CPU metadata from TritonBatch.build)."""
+    def run(self, token_ids: Seq[int], batch: StepBatch) -> torch.Tensor:
+        """Hidden states [B, d] of a decode-only step (batch: the step's host metadata, CPU tensors)."""
         rows = batch.num_decode
         size = self.padded_size(rows)
         if self.capture and not self.graphs:
@@ -122,7 +123,7 @@ class DecodeGraphRunner:
             self.outputs.clear()
 
     # ------------------------------------------------------------------ internals
-    def _load(self, token_ids: Seq[int], batch: TritonBatch, size: int) -> None:
+    def _load(self, token_ids: Seq[int], batch: StepBatch, size: int) -> None:
         """Copy the live rows into the static buffers; rows [B, size) become padding."""
         rows = batch.num_decode
         host = torch.empty(3, size, dtype=torch.int64)

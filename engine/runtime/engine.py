@@ -18,25 +18,29 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import warnings
+from itertools import repeat
 from typing import Sequence as Seq
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from engine.cache import PageAllocator, RadixTree
 from engine.model.transformer import Transformer
+from engine.runtime.batch import RowTable, Staging, StepBatch, build_metadata
 from engine.runtime.paged_attention import (
     DEFAULT_SHARED_PREFIX_MIN_TOKENS,
     AttentionStats,
     KVPool,
-    PagedBatch,
     TorchPagedAttention,
 )
-from engine.runtime.params import Completion, EngineStats, SamplingParams, cut_at_stop, mix_seed
-from engine.runtime.sampler import sample
-from engine.runtime.scheduler import Scheduler
+from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, cut_at_stop, mix_seed
+from engine.runtime.sampler import SamplingBatch, counter_uniforms, sample
+from engine.runtime.scheduler import Scheduled, Scheduler
 from engine.runtime.sequence import Sequence, Status
+from engine.runtime.stop import StopMatcher
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_DEFAULT_KV_TOKENS = 1 << 16
@@ -103,6 +107,9 @@ class Engine:
         # (so the triton backend may serve them with the shared-prefix kernel).
         self._kernel_windows = [None if w is not None and w >= cfg.max_position_embeddings else w
                                 for w in cfg.sliding_windows]
+        # Sibling groups serve only the triton backend's layers without a window.
+        groups_useful = self.attention_backend == "triton" and any(w is None for w in self._kernel_windows)
+        self._group_min_tokens = shared_prefix_min_tokens if groups_useful else None
         reserved = 1 if self.cuda_graphs else 0  # the graphs' scratch page
         bytes_per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         if kv_cache_tokens is None:
@@ -125,8 +132,13 @@ class Engine:
         self._reserved_pages = reserved
         self.tree = RadixTree(self.allocator)
         self.stats = EngineStats()
-        self.scheduler = Scheduler(self.allocator, self.tree, self.pool, self.stats, max_num_seqs=max_num_seqs,
+        self.step_times = StepTimes()
+        max_table = min(self.allocator.pages_for_tokens(cfg.max_position_embeddings), num_pages)
+        self.rows = RowTable(max_num_seqs, max_table)
+        self.staging = Staging(self.device)
+        self.scheduler = Scheduler(self.allocator, self.tree, self.rows, self.stats, max_num_seqs=max_num_seqs,
                                    max_batch_tokens=max_batch_tokens, prefix_cache=prefix_cache)
+        self.stop_matcher = StopMatcher(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._weights_version = self._weights_fingerprint()
         self._next_seq_id = 0
@@ -199,86 +211,130 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def _step(self) -> int:
-        """One forward over the scheduled work; returns how many sequences finished."""
-        batch = self.scheduler.schedule()
-        if not batch:
+        """schedule -> prepare -> forward -> sample -> postprocess; returns how many sequences finished."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
             raise RuntimeError("scheduler made no progress (KV pool or limits too small for any sequence)")
-        entries = [(s.page_table, a, b) for s, a, b in batch]
-        token_ids = [t for s, a, b in batch for t in s.tokens[a:b]]
-        if self.attention_backend == "triton":
-            hidden = self._triton_forward(entries, token_ids)
-        else:
-            meta = PagedBatch.build(entries, self.page_size, self.device)
-            ids = torch.tensor(token_ids, device=self.device)
-            ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows)
-            hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
+        t1 = time.perf_counter()
+        host, dev, sampling = self._prepare(sched)
+        t2 = time.perf_counter()
+        hidden = self._forward(sched, host, dev)
         self.stats.forward_steps += 1
-
-        to_sample: list[tuple[Sequence, int]] = []  # (sequence, row of `hidden`)
-        offset = 0
-        for seq, start, end in batch:
-            prefill = min(end, seq.admitted_len) - start
-            self.stats.prefill_tokens += max(prefill, 0)
-            self.stats.decode_tokens += (end - start) - max(prefill, 0)
-            seq.num_computed = end
-            offset += end - start
-            if end == len(seq.tokens):
-                to_sample.append((seq, offset - 1))
-                if seq.siblings:  # prefill done: cache the prompt and fork the siblings off it
-                    self.scheduler.cache(seq)
-                    to_sample += [(sib, offset - 1) for sib in self.scheduler.fork(seq)]
-            elif start < seq.admitted_len:
-                self.scheduler.cache(seq)  # a finished prefill chunk becomes matchable at once
-        if not to_sample:
-            return 0  # only prefill chunks this step
-        rows = torch.tensor([r for _, r in to_sample], dtype=torch.long, device=self.device)
-        logits = hidden[rows] @ self.model.lm_head_weight.T
-        tokens, logprobs = sample(logits, [s.params for s, _ in to_sample], [s.generator for s, _ in to_sample])
-        finished = 0
-        for (seq, _), token, lp in zip(to_sample, tokens, logprobs):
-            seq.tokens.append(token)
-            if seq.params.logprobs:
-                seq.logprobs.append(lp)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                finished += 1
+        t3 = time.perf_counter()
+        tokens, logprobs = [], None
+        if sched.samplers:
+            hidden = hidden if sched.decode_only else hidden[dev["sample_index"]]
+            tokens, logprobs = sample(hidden @ self.model.lm_head_weight.T, sampling)
+        t4 = time.perf_counter()
+        finished = self._postprocess(sched.samplers, tokens, logprobs)
+        t5 = time.perf_counter()
+        self.step_times.add(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         return finished
 
-    def _triton_forward(self, entries: list[tuple[list[int], int, int]], token_ids: list[int]) -> torch.Tensor:
-        """Hidden states [N, d] of the step's new tokens through the Triton kernels (or a graph)."""
-        from engine.runtime.triton_attention import TritonBatch, TritonPagedAttention
+    def _prepare(self, sched: Scheduled) -> tuple[StepBatch, dict[str, torch.Tensor], SamplingBatch | None]:
+        """The step's tensors from the persistent row table: metadata, token ids, sampling parameters.
 
-        windows = self._kernel_windows
-        # Sibling groups only help layers without a window (windowed layers use decode_attention).
-        min_tokens = self.shared_prefix_min_tokens if any(w is None for w in windows) else None
-        host = TritonBatch.build(entries, self.page_size, shared_prefix_min_tokens=min_tokens)
+        Everything goes to the device in one copy (`Staging.send`).
+        """
+        P = self.page_size
+        seqs, rows = sched.seqs, self.rows
+        row_ids = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        starts = np.array(sched.starts, dtype=np.int64)
+        ends = np.array(sched.ends, dtype=np.int64)
+        width = (int(ends.max()) + P - 1) // P
+        tables = rows.pages[row_ids, :width]
+        host = build_metadata(tables, starts, ends, P, self._group_min_tokens)
+        arrays = host.tensors()
+        if sched.decode_only:
+            arrays["input_ids"] = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+            sample_rows, positions = row_ids, ends
+        else:
+            ids: list[int] = []
+            for s, a, b in zip(seqs, sched.starts, sched.ends):
+                ids += s.tokens[a:b]
+            arrays["input_ids"] = np.array(ids, dtype=np.int64)
+            samplers = sched.samplers
+            sample_rows = np.fromiter((s.row for s in samplers), dtype=np.int64, count=len(samplers))
+            positions = np.fromiter((len(s.tokens) for s in samplers), dtype=np.int64, count=len(samplers))
+            arrays["sample_index"] = np.array(sched.sample_rows, dtype=np.int64)
+        for name, copies in (("copy_before", sched.copies_before), ("copy_after", sched.copies_after)):
+            if copies:
+                arrays[name + "_src"], arrays[name + "_dst"] = _copy_indices(copies)
+        sampling_flags = None
+        if len(sample_rows):
+            greedy = rows.greedy[sample_rows]
+            top_p, top_k = rows.top_p[sample_rows], rows.top_k[sample_rows]
+            all_greedy = bool(greedy.all())
+            arrays["temperature"] = rows.temperature[sample_rows]
+            arrays["top_p"], arrays["top_k"] = top_p, top_k
+            arrays["uniform"] = counter_uniforms(rows.seed[sample_rows], positions)
+            if greedy.any():
+                arrays["greedy"] = greedy
+            sampling_flags = (all_greedy, bool((~greedy & ((top_p < 1) | (top_k > 0))).any()),
+                              bool(rows.logprobs[sample_rows].any()))
+        dev = self.staging.send(arrays)
+        sampling = None
+        if sampling_flags is not None:
+            all_greedy, any_cut, want_logprobs = sampling_flags
+            sampling = SamplingBatch(dev["temperature"], dev["top_p"], dev["top_k"], dev["uniform"],
+                                     dev.get("greedy"), all_greedy, any_cut, want_logprobs)
+        return host, dev, sampling
+
+    def _forward(self, sched: Scheduled, host: StepBatch, dev: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states [N, d] of the step's new tokens; runs the step's deferred KV copies around the forward."""
+        if "copy_before_src" in dev:
+            self.pool.copy_slots(dev["copy_before_src"], dev["copy_before_dst"])
+        meta = StepBatch(**{k: dev.get(k, v) for k, v in vars(host).items()})
+        ids = dev["input_ids"]
+        if self.attention_backend == "triton":
+            hidden = self._triton_forward(host, meta, ids)
+        else:
+            ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows, self.page_size)
+            hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
+        if "copy_after_src" in dev:
+            self.pool.copy_slots(dev["copy_after_src"], dev["copy_after_dst"])
+        self.scheduler.after_forward(sched)
+        return hidden
+
+    def _triton_forward(self, host: StepBatch, meta: StepBatch, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, d] through the Triton kernels (or a replayed graph)."""
+        from engine.runtime.triton_attention import TritonPagedAttention
+
         st = self.attention_stats
         if self._graphs is not None and self._graphs.fits(host):
             st.graph_steps += 1
             st.graph_padded_rows += self._graphs.padded_size(host.num_decode) - host.num_decode
-            return self._graphs.run(token_ids, host)
+            return self._graphs.run(ids, host.as_torch())
         if host.group_offsets is not None:
             st.shared_prefix_steps += 1
             st.shared_prefix_groups += host.num_groups
             st.shared_prefix_rows += host.grouped_rows
-        meta = host.to(self.device)
-        ids = torch.tensor(token_ids, device=self.device)
-        ctx = TritonPagedAttention(self.pool, meta, windows, self.page_size, self._scale)
+        ctx = TritonPagedAttention(self.pool, meta, self._kernel_windows, self.page_size, self._scale)
         return self.model.model(ids[None], meta.positions[None], ctx)[0]
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if p.stop:
-            longest = max(len(s) for s in p.stop)
-            tail = self.tokenizer.decode(seq.generated[-(longest + 8):], skip_special_tokens=True)
-            if any(s in tail for s in p.stop):
-                return "stop"
-        if seq.num_generated >= p.max_new_tokens or len(seq.tokens) >= self.config.max_position_embeddings:
-            return "length"
-        return None
+    def _postprocess(self, samplers: list[Sequence], tokens: list[int], logprobs: list[float] | None) -> int:
+        """Append each sampled token; finish sequences that hit EOS, a stop token or string, or a length limit."""
+        eos, limit, stops = self.eos_token_ids, self.config.max_position_embeddings, self.stop_matcher
+        finished = 0
+        for seq, token, lp in zip(samplers, tokens, logprobs if logprobs is not None else repeat(None)):
+            seq.tokens.append(token)
+            p = seq.params
+            if p.logprobs:
+                seq.logprobs.append(lp)
+            if (token in eos and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = "stop"
+            elif p.stop and stops.update(seq, token):
+                reason = "stop"
+            elif len(seq.tokens) - seq.prompt_len >= p.max_new_tokens or len(seq.tokens) >= limit:
+                reason = "length"
+            else:
+                continue
+            self.scheduler.finish(seq, reason)
+            finished += 1
+        if finished:
+            self.scheduler.drop_finished()
+        return finished
 
     # ------------------------------------------------------------------ helpers
     def _validate(self, index: int, prompt, params: SamplingParams) -> list[int]:
@@ -316,13 +372,13 @@ class Engine:
         return ids
 
     def _make_group(self, request: int, ids: list[int], params: SamplingParams) -> list[Sequence]:
+        if params.seed is not None:
+            seeds = [mix_seed(params.seed, i) for i in range(params.n)]
+        else:  # unseeded: drawn from torch's global generator, so torch.manual_seed reproduces them
+            seeds = torch.randint(0, 1 << 62, (params.n,)).tolist()
         seqs = []
         for i in range(params.n):
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(mix_seed(params.seed, i))
-            seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, gen))
+            seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, seeds[i]))
             self._next_seq_id += 1
         seqs[0].siblings = seqs[1:]
         return seqs
@@ -348,6 +404,15 @@ class Engine:
         params = list(self.model.parameters())
         firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in params]).cpu()
         return sum(p._version for p in params), firsts
+
+
+def _copy_indices(copies: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Source and destination slots of (src, dst, count) KV copies."""
+    counts = np.array([c for _, _, c in copies], dtype=np.int64)
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    src = np.repeat(np.array([s for s, _, _ in copies], dtype=np.int64), counts) + within
+    dst = np.repeat(np.array([d for _, d, _ in copies], dtype=np.int64), counts) + within
+    return src, dst
 
 
 def _warn_once(message: str) -> None:

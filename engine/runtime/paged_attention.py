@@ -2,11 +2,12 @@
 
 Layout: `kv[layer, 0 | 1, slot, kv_head, head_dim]`, where slot = page * page_size + offset.
 One forward step runs a flat list of new tokens (decode tokens and prefill chunks of many
-sequences); `PagedBatch` holds the per-step metadata that every layer reuses, and
+sequences); `StepBatch` (engine/runtime/batch.py) holds the per-step metadata every layer reuses, and
 `TorchPagedAttention` is the attention context the model calls per layer: it writes the new
 K/V into the pool, then attends each sequence's queries to its paged KV. Decode rows
 (one query) and extend rows (several) are attended in two separate batched calls so a
-long prefill chunk does not pad hundreds of decode rows.
+long prefill chunk does not pad hundreds of decode rows. The per-step metadata is the
+common `StepBatch` every backend reads; `torch_rows` derives this backend's padded views.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from typing import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
+from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, StepBatch  # noqa: F401 (re-exported)
 
-# Sibling groups (triton backend): the smallest shared prefix, in tokens, worth reading once per group.
-DEFAULT_SHARED_PREFIX_MIN_TOKENS = 16
 
 
 @dataclass
@@ -80,44 +80,35 @@ class _Rows:
         return allowed[:, None]
 
 
-@dataclass
-class PagedBatch:
-    """Per-step metadata: where each new token's KV goes and what each sequence attends to."""
+def torch_rows(batch: StepBatch, page_size: int) -> list[_Rows]:
+    """The reference backend's padded rows (decode rows, then extend rows), derived on the device
+    from the step's common metadata (`engine.runtime.batch.StepBatch`)."""
+    rows = []
+    if batch.num_decode:
+        kv_lens = batch.decode_kv_lens.long()
+        token_index = batch.decode_token_index[:, None]
+        q_valid = torch.ones_like(token_index, dtype=torch.bool)
+        rows.append(_padded_rows(token_index, q_valid, (kv_lens - 1)[:, None], batch.decode_tables, kv_lens,
+                                 batch.max_decode_kv_len, page_size))
+    if batch.num_extend_tokens:
+        kv_lens = batch.extend_kv_lens.long()
+        cu = batch.cu_seqlens_q.long()
+        q_lens = cu[1:] - cu[:-1]
+        i = torch.arange(batch.max_seqlen_q, device=cu.device)[None, :]
+        q_valid = i < q_lens[:, None]
+        flat = torch.where(q_valid, cu[:-1, None] + i, 0)
+        token_index = torch.where(q_valid, batch.extend_token_index[flat], 0)
+        q_pos = (kv_lens - q_lens)[:, None] + i
+        rows.append(_padded_rows(token_index, q_valid, q_pos, batch.extend_tables, kv_lens,
+                                 batch.max_extend_kv_len, page_size))
+    return rows
 
-    slot_mapping: torch.Tensor   # [N] pool slot of each new token
-    positions: torch.Tensor      # [N] absolute position of each new token
-    rows: list[_Rows]            # decode rows, extend rows (each present only if non-empty)
 
-    @classmethod
-    def build(cls, entries: Seq[tuple[Seq[int], int, int]], page_size: int, device: torch.device | str) -> "PagedBatch":
-        """entries: (page_table, start, end) per sequence; tokens [start, end) are computed now."""
-        starts = torch.tensor([s for _, s, _ in entries])
-        ends = torch.tensor([e for _, _, e in entries])
-        max_pages = max(len(t) for t, _, _ in entries)
-        tables = torch.zeros(len(entries), max_pages, dtype=torch.long)
-        for i, (table, _, _) in enumerate(entries):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
-        q_lens = ends - starts
-        offsets = torch.cumsum(q_lens, 0) - q_lens
-        # Flat token list: sequence i contributes positions start_i .. end_i - 1.
-        seq_of_token = torch.repeat_interleave(torch.arange(len(entries)), q_lens)
-        positions = torch.arange(int(q_lens.sum())) - offsets[seq_of_token] + starts[seq_of_token]
-        slot_mapping = tables[seq_of_token, positions // page_size] * page_size + positions % page_size
-        rows = []
-        for picked in (q_lens == 1, q_lens > 1):  # decode rows, then extend rows
-            idx = torch.nonzero(picked).flatten()
-            if idx.numel() == 0:
-                continue
-            max_q, max_kv = int(q_lens[idx].max()), int(ends[idx].max())
-            i = torch.arange(max_q)
-            q_valid = i[None, :] < q_lens[idx, None]
-            token_index = torch.where(q_valid, offsets[idx, None] + i[None, :], 0)
-            q_pos = starts[idx, None] + i[None, :]
-            p = torch.arange(max_kv)
-            kv_slots = tables[idx][:, (p // page_size).clamp(max=max_pages - 1)] * page_size + p % page_size
-            kv_slots = torch.where(p[None, :] < ends[idx, None], kv_slots, 0)
-            rows.append(_Rows(*(t.to(device) for t in (token_index, q_valid, q_pos, kv_slots, ends[idx]))))
-        return cls(slot_mapping.to(device), positions.to(device), rows)
+def _padded_rows(token_index, q_valid, q_pos, tables, kv_lens, max_kv: int, page_size: int) -> _Rows:
+    p = torch.arange(max_kv, device=kv_lens.device)
+    pages = tables[:, (p // page_size).clamp(max=tables.shape[1] - 1)].long()
+    kv_slots = torch.where(p[None, :] < kv_lens[:, None], pages * page_size + p % page_size, 0)
+    return _Rows(token_index, q_valid, q_pos, kv_slots, kv_lens)
 
 
 class TorchPagedAttention:
@@ -127,8 +118,9 @@ class TorchPagedAttention:
     Writes k/v into the pool first, so a token attends to itself and its whole context.
     """
 
-    def __init__(self, pool: KVPool, batch: PagedBatch, windows: Seq[int | None]):
-        self.pool, self.batch, self.windows = pool, batch, windows
+    def __init__(self, pool: KVPool, batch: StepBatch, windows: Seq[int | None], page_size: int):
+        self.pool, self.batch, self.windows, self.page_size = pool, batch, windows, page_size
+        self._rows: list[_Rows] | None = None  # derived at the first layer (device work, not the host's)
         self._masks: dict[tuple[int, int | None], torch.Tensor] = {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -137,7 +129,9 @@ class TorchPagedAttention:
         vc[self.batch.slot_mapping] = v[0].to(vc.dtype)
         out = torch.empty_like(q[0])
         window = self.windows[layer]
-        for r, rows in enumerate(self.batch.rows):
+        if self._rows is None:
+            self._rows = torch_rows(self.batch, self.page_size)
+        for r, rows in enumerate(self._rows):
             key = (r, window)
             if key not in self._masks:
                 self._masks[key] = rows.mask(window)

@@ -117,3 +117,34 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, int]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass
+class StepTimes:
+    """Host seconds spent in each phase of the Engine's steps (since the Engine was built or `reset`).
+
+    On a GPU the phases are host time except where the host waits: `sample` includes the
+    wait for the step's tokens (the one device-to-host transfer), and so the device's time.
+    """
+
+    steps: int = 0
+    schedule: float = 0.0     # the scheduler: admission, page growth, forks, eviction, preemption
+    prepare: float = 0.0      # metadata, token ids and sampling parameters, sent to the device
+    forward: float = 0.0      # the model (launches on a GPU) and the deferred KV copies
+    sample: float = 0.0       # LM head, sampling and the transfer of the tokens
+    postprocess: float = 0.0  # appending tokens, EOS / stop-string / length checks, finishing
+
+    def add(self, schedule: float, prepare: float, forward: float, sample: float, postprocess: float) -> None:
+        self.steps += 1
+        self.schedule += schedule
+        self.prepare += prepare
+        self.forward += forward
+        self.sample += sample
+        self.postprocess += postprocess
+
+    def reset(self) -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, type(getattr(self, f))(0))
+
+    def as_dict(self) -> dict[str, float]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}

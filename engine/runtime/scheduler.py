@@ -1,151 +1,304 @@
 """Continuous batching over the paged KV pool: admission, chunked prefill, forks, preemption.
 
-Every step the scheduler hands the engine a list of (sequence, start, end): the tokens
-[start, end) of each sequence whose KV is computed in this forward. Running sequences come
-first, oldest first (a decode is 1 token, an unfinished prefill a chunk), then waiting
-sequences are admitted in FIFO order while the token budget, the sequence cap and the KV
-pool allow. When the pool runs dry, unlocked cached prefixes are evicted (LRU) and then
-the newest running sequences are preempted: their KV goes into the prefix tree (evictable)
-and they rejoin the front of the queue, to be recomputed, or re-matched, later.
+Every step the scheduler hands the engine a `Scheduled`: the sequences whose KV is computed
+in this forward (tokens [start, end) of each), and the sequences that sample a token after
+it. Running sequences come first, oldest first (a decode is 1 token, an unfinished prefill
+a chunk), then waiting sequences are admitted in FIFO order while the token budget, the
+sequence cap and the KV pool allow. When the pool runs dry, cached prefixes are evicted and
+then the newest running sequences are preempted: their KV goes into the prefix tree and they
+rejoin the front of the queue, to be re-matched later.
 
 Page ownership (the invariant the tests check): the allocator's reference count of every
 page equals the number of radix nodes whose slots touch it plus the number of running
 sequences whose page table holds it; a page is free exactly when that count is 0.
 
-Locks: a matched radix node is locked only while its sequence is being admitted (from the
-match until its KV has been shared or copied), so eviction cannot free a page it is about
-to read. A running sequence holds references to its own pages instead of a lock: a lock
-kept longer would pin the tree's copies of pages the sequence does not use, and a lone
-sequence could then fail to fit the pool (an admit/preempt cycle that never ends).
+Locks and holds: a matched radix node is locked only while its sequence is being admitted
+(from the match until its pages are shared or planned for copying), so eviction cannot free
+a page it is about to read. A running sequence holds references to its own pages instead of
+a lock. A waiting sequence whose prefix is in the tree holds that node (`RadixTree.hold`):
+the prefixes that queued requests will match are evicted last, finished outputs (inserted
+cold) first, so a phase whose outputs overflow the pool never evicts the states it has not
+visited yet.
+
+KV copies are deferred into the step (`copies_before` run before the forward, `copies_after`
+after it) so that admission does no device work: a copy's source is read before anything in
+the step writes (the forward, or a later copy in the same batched op, which gathers first).
+
+Admission keeps a watermark: while other sequences run, it leaves enough free pages for
+every running sequence's next token and for the admitted request's forks, so a sequence is
+not admitted only to be preempted at the next step.
 """
 from __future__ import annotations
 
 from collections import deque
-
-import torch
+from dataclasses import dataclass, field
 
 from engine.cache import PageAllocator, RadixTree
-from engine.runtime.paged_attention import KVPool
+from engine.runtime.batch import RowTable
 from engine.runtime.params import EngineStats
 from engine.runtime.sequence import Sequence, Status
 
 
+@dataclass
+class Scheduled:
+    """One step's work, as the scheduler planned it."""
+
+    seqs: list[Sequence] = field(default_factory=list)     # sequences computing KV, in batch order
+    starts: list[int] = field(default_factory=list)        # seqs[i] computes positions [starts[i], ends[i])
+    ends: list[int] = field(default_factory=list)
+    samplers: list[Sequence] = field(default_factory=list)  # sequences that sample a token after the forward
+    sample_rows: list[int] = field(default_factory=list)   # the flat token whose hidden state each one samples from
+    num_tokens: int = 0             # tokens computed in this forward (sum of ends - starts)
+    decode_only: bool = True        # every entry computes one token and samples it (samplers == seqs)
+    copies_before: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, count)
+    copies_after: list[tuple[int, int, int]] = field(default_factory=list)
+    cache_after: list[Sequence] = field(default_factory=list)  # prefills to insert into the tree after the forward
+    requeued: dict[int, list[Sequence]] = field(default_factory=dict)  # leader seq_id -> siblings that found no page
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, tree: RadixTree, pool: KVPool, stats: EngineStats, *,
+    def __init__(self, allocator: PageAllocator, tree: RadixTree, rows: RowTable, stats: EngineStats, *,
                  max_num_seqs: int, max_batch_tokens: int, prefix_cache: bool):
-        self.allocator, self.tree, self.pool, self.stats = allocator, tree, pool, stats
+        self.allocator, self.tree, self.rows, self.stats = allocator, tree, rows, stats
         self.page_size = allocator.page_size
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order; forked siblings follow their leader
+        self._num_seqs = 0  # running sequences plus the fork-pending siblings of running leaders
         self._admissions = 0
 
     # ------------------------------------------------------------------ queue
     def add(self, leader: Sequence) -> None:
-        """Queue a prompt; leader.siblings are forked from it once its prefill is done."""
+        """Queue a prompt; leader.siblings are forked from it once its prefill is done.
+
+        The deepest cached node of the prompt is held, so eviction keeps it while it waits.
+        """
         for sib in leader.siblings:
             sib.status = Status.FORK_PENDING
+        if self.prefix_cache:
+            node, _, _ = self.tree.match_prefix(leader.tokens, len(leader.tokens) - 1)
+            self._hold(leader, node)
         self.waiting.append(leader)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _num_seqs(self) -> int:
-        return sum(1 + len(s.siblings) for s in self.running)
+    def _hold(self, seq: Sequence, node: int) -> None:
+        if node > 0:
+            self.tree.hold(node)
+            seq.hold_node = node
+
+    def _drop_hold(self, seq: Sequence) -> None:
+        if seq.hold_node:
+            self.tree.release_hold(seq.hold_node)  # False if it was evicted anyway: nothing to undo
+            seq.hold_node = 0
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self) -> list[tuple[Sequence, int, int]]:
-        """Pick this step's work: (sequence, start, end) with tokens [start, end) to compute."""
-        budget = self.max_batch_tokens
-        batch: list[tuple[Sequence, int, int]] = []
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            end = seq.num_computed + min(seq.num_pending, budget)
-            if not self._grow(seq, end):
-                break  # seq itself was preempted: nothing newer is left to schedule
-            batch.append((seq, seq.num_computed, end))
-            budget -= end - seq.num_computed
-            i += 1
+    def schedule(self) -> Scheduled:
+        """Plan this step: running sequences first (growing their page tables), then admissions, then forks."""
+        out = Scheduled()
+        saved = self.stats.prefill_tokens, self.stats.decode_tokens
+        grow = self._plan_running(self.running, out)
+        if grow:
+            total = sum(need for _, need in grow)
+            if self._make_room(total):
+                pages = self.allocator.allocate(total)
+                for seq, need in grow:
+                    old = len(seq.page_table)
+                    seq.page_table += pages[:need]
+                    del pages[:need]
+                    self.rows.write_pages(seq, old)
+            else:  # the pool is short: undo the plan, serve the oldest first, preempt the newest
+                for seq, start in zip(out.seqs, out.starts):
+                    seq.num_computed = start
+                self.stats.prefill_tokens, self.stats.decode_tokens = saved
+                served = self._grow_or_preempt(grow)
+                out = Scheduled()
+                regrow = self._plan_running(served, out)
+                assert not regrow, "the survivors' page needs were met above"
+        budget = self.max_batch_tokens - out.num_tokens
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if self._num_seqs() + 1 + len(seq.siblings) > self.max_num_seqs:
+            if self._num_seqs + 1 + len(seq.siblings) > self.max_num_seqs:
                 break
-            admitted = self._admit(seq, budget)
-            if admitted is None:
+            start_len = len(out.copies_before)
+            end = self._admit(seq, budget, out)
+            if end is None:
+                del out.copies_before[start_len:]
                 break
             self.waiting.popleft()
-            batch.append((seq, seq.num_computed, admitted))
-            budget -= admitted - seq.num_computed
-        return batch
+            budget -= end - seq.num_computed
+            self._add_entry(out, seq, seq.num_computed, end)
+        self._plan_samples(out)
+        return out
 
-    def _grow(self, seq: Sequence, end: int) -> bool:
-        """Give seq the pages for positions < end, preempting newer sequences if needed."""
-        need = self.allocator.pages_for_tokens(end) - len(seq.page_table)
-        while not self._make_room(need):
-            victim = self.running[-1]
-            self.preempt(victim)
-            if victim is seq:
-                return False
-        seq.page_table += self.allocator.allocate(max(need, 0))
-        return True
+    def _plan_running(self, seqs: list[Sequence], out: Scheduled) -> list[tuple[Sequence, int]]:
+        """Add running sequences to the step, oldest first, within the token budget.
+
+        Returns the (sequence, pages) each still needs for its scheduled tokens.
+        """
+        P = self.page_size
+        budget = self.max_batch_tokens
+        grow: list[tuple[Sequence, int]] = []
+        for seq in seqs:
+            if budget <= 0:
+                break
+            start = seq.num_computed
+            n = len(seq.tokens)
+            end = n if n - start <= budget else start + budget
+            need = (end + P - 1) // P - len(seq.page_table)
+            if need > 0:
+                grow.append((seq, need))
+            budget -= end - start
+            if end - start == 1 and end == n and start >= seq.admitted_len:  # a plain decode: the common case
+                out.seqs.append(seq)
+                out.starts.append(start)
+                out.ends.append(end)
+                out.num_tokens += 1
+                seq.num_computed = end
+                self.stats.decode_tokens += 1
+            else:
+                self._add_entry(out, seq, start, end)
+        return grow
+
+    def _add_entry(self, out: Scheduled, seq: Sequence, start: int, end: int) -> None:
+        """A prefill chunk, an admission or a sequence whose prefill ends now."""
+        out.seqs.append(seq)
+        out.starts.append(start)
+        out.ends.append(end)
+        out.num_tokens += end - start
+        prefill = max(min(end, seq.admitted_len) - start, 0)
+        self.stats.prefill_tokens += prefill
+        self.stats.decode_tokens += end - start - prefill
+        seq.num_computed = end  # the forward of this step computes [start, end)
+        if end == len(seq.tokens):
+            if end - start != 1:
+                out.decode_only = False
+            if seq.siblings:
+                out.cache_after.append(seq)  # the prompt becomes matchable (and re-matchable by requeued forks)
+                out.decode_only = False
+        else:
+            out.decode_only = False
+            if start < seq.admitted_len:
+                out.cache_after.append(seq)  # a finished prefill chunk becomes matchable at once
+
+    def _plan_samples(self, out: Scheduled) -> None:
+        """Who samples after the forward, from which hidden row; then fork the leaders whose prefill ends now."""
+        if out.decode_only:
+            out.samplers = out.seqs  # token i of the step is sequence i's only token
+            return
+        offset = 0
+        leaders = []
+        for seq, start, end in zip(out.seqs, out.starts, out.ends):
+            offset += end - start
+            if end == len(seq.tokens):
+                out.samplers.append(seq)
+                out.sample_rows.append(offset - 1)
+                if seq.siblings:
+                    leaders.append((seq, offset - 1))
+        for leader, row in leaders:
+            self._fork(leader, row, out)
+
+    def _grow_or_preempt(self, grow: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Give the running sequences their pages oldest first, preempting the newest while the pool is short.
+
+        Returns the running sequences that stay scheduled (a prefix of `running`).
+        """
+        needs = {id(seq): need for seq, need in grow}
+        served: list[Sequence] = []
+        for seq in list(self.running):  # victims are always newer than seq
+            if seq.status is not Status.RUNNING:
+                break  # preempted while serving an older sequence: so is everything after it
+            need = needs.get(id(seq), 0)
+            while need > 0 and not self._make_room(need):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break
+            if need > 0:
+                old = len(seq.page_table)
+                seq.page_table += self.allocator.allocate(need)
+                self.rows.write_pages(seq, old)
+            served.append(seq)
+        return served
 
     def _make_room(self, pages: int) -> bool:
         """Evict cached prefixes until `pages` pages are free; False if that is impossible."""
-        if self.allocator.num_free < pages:
+        if self.allocator.num_free < pages and self.prefix_cache:
             self.stats.evicted_tokens += self.tree.evict(pages)
         return self.allocator.num_free >= pages
 
-    def _admit(self, seq: Sequence, budget: int) -> int | None:
+    def _watermark(self, seq: Sequence) -> int:
+        """Pages to leave free when admitting seq while others run: one per running sequence whose
+        next token starts a new page, plus one per fork of seq (its partial-page copy)."""
+        if not self.running:
+            return 0
+        P = self.page_size
+        boundary = sum(1 for s in self.running if s.num_computed % P == 0)
+        return boundary + len(seq.siblings)
+
+    def _admit(self, seq: Sequence, budget: int, out: Scheduled) -> int | None:
         """Match seq against the prefix cache, give it pages for its first chunk, mark it running.
 
         Returns the end of the first chunk, or None when the pool cannot take it now.
         """
         use_cache = self.prefix_cache
-        end = self._try_admit(seq, budget, use_cache)
+        reserve = self._watermark(seq)
+        end = self._try_admit(seq, budget, use_cache, reserve, out)
         if end is None and use_cache and not self.running:
             # Alone, the sequence always fits without the cache (Engine checks the pool holds
             # one whole sequence); a locked match can pin a few pages the table does not use.
-            end = self._try_admit(seq, budget, use_cache=False)
+            end = self._try_admit(seq, budget, False, 0, out)
             if end is None:
                 raise RuntimeError(f"KV pool of {self.allocator.num_pages} pages cannot hold one sequence")
         return end
 
-    def _try_admit(self, seq: Sequence, budget: int, use_cache: bool) -> int | None:
+    def _try_admit(self, seq: Sequence, budget: int, use_cache: bool, reserve: int, out: Scheduled) -> int | None:
         node, matched, slots = 0, 0, []
         if use_cache:
             # Keep one token to compute: its logits sample the next token.
             node, matched, slots = self.tree.match_prefix(seq.tokens, len(seq.tokens) - 1)
             if node:
                 self.tree.lock(node)  # before any eviction below can take the match away
-        plan = self._plan_pages(slots)
-        shared = [p for p in plan if isinstance(p, int)]
-        self.allocator.retain(shared)
-        end = matched + min(len(seq.tokens) - matched, budget)
-        need = self.allocator.pages_for_tokens(end) - len(shared)
-        if not self._make_room(need):
-            self.allocator.release(shared)
+        held: list[int] = []  # pages this admission holds references to, released if it fails
+        try:
+            plan = self._plan_pages(slots)
+            shared = [p for p in plan if isinstance(p, int)]
+            self.allocator.retain(shared)
+            held = list(shared)
+            end = matched + min(len(seq.tokens) - matched, budget)
+            need = self.allocator.pages_for_tokens(end) - len(shared)
+            if not self._make_room(need + reserve):
+                self.allocator.release(held)
+                return None
+            fresh = self.allocator.allocate(need)
+            held += fresh
+            table, it = [], iter(fresh)
+            P = self.page_size
+            for entry in plan:
+                if isinstance(entry, int):
+                    table.append(entry)
+                else:  # a chunk the sequence cannot share: copy its KV into a page of its own
+                    page = next(it)
+                    out.copies_before += _runs(entry, page * P)
+                    self.stats.copied_tokens += len(entry)
+                    table.append(page)
+            table += list(it)
+        except BaseException:
+            self.allocator.release(held)
+            raise
+        finally:
             if node:
-                self.tree.unlock(node)
-            return None
-        fresh = iter(self.allocator.allocate(need))
-        table = []
-        for entry in plan:
-            if isinstance(entry, int):
-                table.append(entry)
-            else:  # a chunk the sequence cannot share: copy its KV into a page of its own
-                page = next(fresh)
-                dev = self.pool.kv.device
-                self.pool.copy_slots(torch.tensor(entry, device=dev),
-                                     page * self.page_size + torch.arange(len(entry), device=dev))
-                self.stats.copied_tokens += len(entry)
-                table.append(page)
-        table += list(fresh)
-        if node:
-            self.tree.unlock(node)  # the sequence now owns (references or copies) all it reads
+                self.tree.unlock(node)  # the sequence now owns (references or copies) all it reads
+        self._drop_hold(seq)
         if seq.admitted_at == 0:  # first admission: these prompt tokens came from the cache
             seq.cached_tokens = matched
         self.stats.cached_tokens += matched
@@ -153,7 +306,9 @@ class Scheduler:
         seq.status, seq.admitted_len, seq.version = Status.RUNNING, len(seq.tokens), self.tree.version
         self._admissions += 1
         seq.admitted_at = self._admissions
+        self.rows.attach(seq)
         self.running.append(seq)
+        self._num_seqs += 1 + len(seq.siblings)
         return end
 
     def _plan_pages(self, slots: list[int]) -> list[int | list[int]]:
@@ -173,16 +328,19 @@ class Scheduler:
         return plan
 
     # ------------------------------------------------------------------ forks
-    def fork(self, leader: Sequence) -> list[Sequence]:
-        """Fork leader's pending siblings off its computed KV (call when its prefill is done).
+    def _fork(self, leader: Sequence, row: int, out: Scheduled) -> None:
+        """Fork leader's pending siblings off its KV (its prefill completes in this step's forward).
 
-        Full pages are shared; the partial last page is copied. Siblings that find no page
-        go back to the queue as ordinary sequences (they will hit the prefix cache).
-        Returns the forked siblings, which are running right after the leader.
+        Full pages are shared; the partial last page is copied after the forward. Siblings
+        that find no page go back to the queue as ordinary sequences (they will hit the
+        prefix cache once the leader's prompt is inserted after the forward). The forked
+        siblings run right after the leader and sample from its hidden state.
         """
         siblings, leader.siblings = leader.siblings, []
-        full = leader.num_computed // self.page_size
-        partial = leader.num_computed % self.page_size
+        P = self.page_size
+        n = leader.num_computed
+        full, partial = n // P, n % P
+        shared = leader.page_table[:full]
         forked: list[Sequence] = []
         requeue: list[Sequence] = []
         for sib in siblings:
@@ -190,56 +348,102 @@ class Scheduler:
                 sib.status = Status.WAITING
                 requeue.append(sib)
                 continue
-            table = leader.page_table[:full]
-            self.allocator.retain(table)
+            table = list(shared)
             if partial:
                 page = self.allocator.allocate(1)[0]
-                src = leader.page_table[full] * self.page_size
-                dev = self.pool.kv.device
-                self.pool.copy_slots(torch.arange(src, src + partial, device=dev),
-                                     torch.arange(page * self.page_size, page * self.page_size + partial, device=dev))
+                out.copies_after.append((leader.page_table[full] * P, page * P, partial))
                 self.stats.copied_tokens += partial
-                table = table + [page]
-            sib.page_table, sib.num_computed = table, leader.num_computed
+                table.append(page)
+            sib.page_table, sib.num_computed = table, n
             sib.cached_tokens, sib.version = leader.cached_tokens, leader.version
             sib.status, sib.admitted_len, sib.admitted_at = Status.RUNNING, len(sib.tokens), leader.admitted_at
+            self.rows.attach(sib)
             forked.append(sib)
-        at = self.running.index(leader) + 1
-        self.running[at:at] = forked
-        self.waiting.extendleft(reversed(requeue))
+            out.samplers.append(sib)
+            out.sample_rows.append(row)  # the leader's last token: the siblings draw their own first tokens
+        self.allocator.retain(shared * len(forked))
+        if forked:
+            out.decode_only = False
+            at = self.running.index(leader) + 1
+            self.running[at:at] = forked
+        if requeue:
+            self._num_seqs -= len(requeue)
+            self.waiting.extendleft(reversed(requeue))
+            out.requeued[leader.seq_id] = requeue
         self.stats.forked_sequences += len(forked)
-        return forked
+
+    # ------------------------------------------------------------------ after the forward
+    def after_forward(self, out: Scheduled) -> None:
+        """Make this step's computed prefills matchable (and held by their requeued forks)."""
+        for seq in out.cache_after:
+            if seq.status is Status.RUNNING:
+                node = self.cache(seq)
+                for sib in out.requeued.get(seq.seq_id, ()):
+                    if sib.status is Status.WAITING and not sib.hold_node:
+                        self._hold(sib, node)
 
     # ------------------------------------------------------------------ cache, finish, preempt
-    def cache(self, seq: Sequence) -> None:
-        """Insert seq's computed KV into the prefix tree (the tree keeps slots it already has)."""
-        if not self.prefix_cache or seq.num_computed == 0:
-            return
-        n = seq.num_computed
-        self.tree.insert(seq.tokens[:n], self.allocator.slot_mapping(seq.page_table, 0, n), seq.version)
+    def cache(self, seq: Sequence, cold: bool = False) -> int:
+        """Insert seq's computed KV into the prefix tree (the tree keeps slots it already has).
 
-    def _release(self, seq: Sequence) -> None:
-        self.cache(seq)
+        Returns the node spelling it (0 when nothing was inserted). cold: evict it first.
+        """
+        if not self.prefix_cache or seq.num_computed == 0:
+            return 0
+        node, _ = self.tree.insert_paged(seq.tokens, seq.page_table, seq.num_computed, seq.version, cold)
+        return max(node, 0)
+
+    def _release(self, seq: Sequence, cold: bool) -> int:
+        node = self.cache(seq, cold)
         self.allocator.release(seq.page_table)
+        self.rows.detach(seq)
         seq.page_table, seq.num_computed = [], 0
-        self.running.remove(seq)
+        self._num_seqs -= 1 + len(seq.siblings)  # a leader preempted mid-prefill still has its forks pending
+        return node
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """seq is done: its KV stays in the prefix tree (evictable), its pages are released."""
-        self._release(seq)
+        """seq is done: its KV stays in the prefix tree (cold: evicted first), its pages are released.
+
+        It leaves `running` at the next `drop_finished` (one pass per step, not one per sequence).
+        """
+        self._release(seq, cold=True)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
+    def drop_finished(self) -> None:
+        self.running = [s for s in self.running if s.status is Status.RUNNING]
+
     def abort_all(self) -> None:
-        """Drop every unfinished sequence and its pages (a generate() that raised midway)."""
-        for seq in list(self.running):
-            self.allocator.release(seq.page_table)
-            seq.page_table, seq.num_computed, seq.status = [], 0, Status.WAITING
+        """Drop every unfinished sequence, its pages, row and hold (a generate() that raised midway)."""
+        for seq in self.running:
+            if seq.status is Status.RUNNING:
+                self.allocator.release(seq.page_table)
+                self.rows.detach(seq)
+                seq.page_table, seq.num_computed, seq.status = [], 0, Status.WAITING
+        for seq in self.waiting:
+            self._drop_hold(seq)
         self.running.clear()
         self.waiting.clear()
+        self._num_seqs = 0
 
     def preempt(self, seq: Sequence) -> None:
-        """Take seq out of the batch to free KV; it is recomputed (or re-matched) later."""
-        self._release(seq)
+        """Take seq out of the batch to free KV; it is re-matched (or recomputed) later.
+
+        Its KV goes into the tree (warm) and stays held while it waits.
+        """
+        node = self._release(seq, cold=False)
+        self.running.remove(seq)
         seq.status = Status.WAITING
+        self._hold(seq, node)
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
+
+
+def _runs(slots: list[int], dst: int) -> list[tuple[int, int, int]]:
+    """(src, dst, count) runs copying `slots` (in order) to dst, dst + 1, ...: contiguous sources merge."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((slots[start], dst + start, i - start))
+            start = i
+    return runs

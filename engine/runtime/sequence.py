@@ -4,8 +4,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.runtime.params import SamplingParams
 
 
@@ -21,8 +19,10 @@ class Sequence:
     """One completion of one prompt.
 
     Invariants while RUNNING: tokens[:num_computed] have their KV in the pool at the slots
-    given by page_table (position p -> page_table[p // page_size], offset p % page_size);
-    and the sequence holds one allocator reference to each page of page_table.
+    given by page_table (position p -> page_table[p // page_size], offset p % page_size)
+    once the step that scheduled them has run its forward; the sequence holds one
+    allocator reference to each page of page_table; and it owns row `row` of the RowTable.
+    While WAITING it holds no page and at most one radix hold (`hold_node`).
     """
 
     seq_id: int
@@ -31,7 +31,7 @@ class Sequence:
     tokens: list[int]
     prompt_len: int
     params: SamplingParams
-    generator: torch.Generator | None = None
+    seed: int = 0                 # uint64 key of the counter-based draws: token at position p uses (seed, p)
     status: Status = Status.WAITING
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -42,6 +42,9 @@ class Sequence:
     siblings: list["Sequence"] = field(default_factory=list)  # fork-pending, leader only
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    row: int = -1                 # row in the RowTable while RUNNING (-1 otherwise)
+    hold_node: int = 0            # radix node held while WAITING, so its prefix is evicted last (0: none)
+    stop_tail: str = ""           # the last characters of the generated text, for stop strings
 
     @property
     def num_generated(self) -> int:

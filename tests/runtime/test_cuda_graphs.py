@@ -14,7 +14,7 @@ import torch
 from engine import Engine, SamplingParams
 from engine.model import Transformer, tiny_config
 from engine.runtime.cuda_graphs import graph_batch_sizes
-from engine.runtime.triton_attention import TritonBatch
+from engine.runtime.batch import StepBatch
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -69,12 +69,12 @@ def test_runner_routes_only_plain_decode_steps_that_fit():
     assert runner.sizes == [1, 2, 4, 5] and runner.max_pages == 32  # 128 positions / 4
     assert [runner.padded_size(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]
     decode = [([1, 2], 5, 6), ([3, 4], 6, 7), ([5, 6], 4, 5)]
-    assert runner.fits(TritonBatch.build(decode, 4))
-    assert not runner.fits(TritonBatch.build(decode + [([7], 0, 3)], 4))  # a prefill chunk
-    assert not runner.fits(TritonBatch.build(decode * 2, 4, shared_prefix_min_tokens=None))  # 6 rows > 5
+    assert runner.fits(StepBatch.from_entries(decode, 4))
+    assert not runner.fits(StepBatch.from_entries(decode + [([7], 0, 3)], 4))  # a prefill chunk
+    assert not runner.fits(StepBatch.from_entries(decode * 2, 4, shared_prefix_min_tokens=None))  # 6 rows > 5
     siblings = [([1, 2], 5, 6), ([1, 3], 6, 7)]
-    assert not runner.fits(TritonBatch.build(siblings, 4, shared_prefix_min_tokens=4))  # a sibling group
-    assert runner.fits(TritonBatch.build(siblings, 4, shared_prefix_min_tokens=None))
+    assert not runner.fits(StepBatch.from_entries(siblings, 4, shared_prefix_min_tokens=4))  # a sibling group
+    assert runner.fits(StepBatch.from_entries(siblings, 4, shared_prefix_min_tokens=None))
 
 
 def test_graphs_are_dropped_when_a_parameter_moves_to_new_storage():

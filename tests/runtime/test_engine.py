@@ -257,22 +257,27 @@ def test_sampling_filters(tiny):
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
-    from engine.runtime.sampler import _filtered_probs
+    from engine.runtime.sampler import SamplingBatch, reference_filtered_probs, sample
+
+    def cut(lp, top_p, top_k):
+        return reference_filtered_probs(lp, torch.tensor(top_p), torch.tensor(top_k))
 
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    probs = _filtered_probs(logprobs, [SamplingParams(top_k=2), SamplingParams(top_p=0.8)])
+    probs = cut(logprobs, [1.0, 0.8], [2, 0])
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
     # top-k first, renormalise, then top-p: [.4 .3 .2 .1] -> top 2 = [.571 .429] -> p=0.5 keeps one
-    both = _filtered_probs(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])), [SamplingParams(top_k=2, top_p=0.5)])
+    both = cut(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])), [0.5], [2])
     torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0]]))
     # a row without a cut is exp(logprobs) whatever its neighbours ask for
-    mixed = _filtered_probs(logprobs, [SamplingParams(), SamplingParams(top_k=1)])
+    mixed = cut(logprobs, [1.0, 1.0], [0, 1])
     torch.testing.assert_close(mixed[0], logprobs[0].exp(), atol=0, rtol=0)
-    from engine.runtime.sampler import sample
-
-    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    counts = Counter(sample(logprobs[:1].repeat(4000, 1), [SamplingParams(top_p=0.85)] * 4000, gens)[0])
-    assert set(counts) == {0, 1, 2} and abs(counts[0] / 4000 - 0.5 / 0.95) < 0.04
+    # The engine's sampler: 4000 evenly spread draws of the first row under top_p 0.85.
+    n = 4000
+    batch = SamplingBatch(temperature=torch.ones(n), top_p=torch.full((n,), 0.85), top_k=torch.zeros(n, dtype=torch.long),
+                          uniform=(torch.arange(n) + 0.5) / n, greedy=None, all_greedy=False, any_cut=True,
+                          want_logprobs=False)
+    counts = Counter(sample(logprobs[:1].repeat(n, 1), batch)[0])
+    assert set(counts) == {0, 1, 2} and abs(counts[0] / n - 0.5 / 0.95) < 0.01
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -337,5 +342,5 @@ def test_siblings_of_a_fork_run_next_to_each_other(tiny):
     engine._step()  # prefills the three prompts and forks each into three
     assert [s.request for s in engine.scheduler.running] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     batch = engine.scheduler.schedule()
-    assert [s.request for s, _, _ in batch] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert all(end - start == 1 for _, start, end in batch)
+    assert [s.request for s in batch.seqs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(end - start == 1 for start, end in zip(batch.starts, batch.ends)) and batch.decode_only

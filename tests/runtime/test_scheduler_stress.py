@@ -34,16 +34,27 @@ def _check_ownership(engine: Engine) -> None:
 def _instrument(engine: Engine, max_steps: int = 2000) -> None:
     """Check ownership after every schedule and step, and track what each slot holds.
 
-    `shadow[slot]` is the token prefix whose last token's KV the slot holds; every read of
-    position p by a sequence must find exactly tokens[:p + 1] there.
+    `shadow[slot]` is the token prefix whose last token's KV the slot holds. Each schedule's
+    plan is applied to it in the order the step runs it (the deferred copies before the
+    forward, the forward's writes, the copies after it), and then every position p below
+    num_computed of every running sequence must find exactly tokens[:p + 1] there. The
+    pool's copies must be exactly the planned ones.
     """
     shadow: dict[int, tuple[int, ...]] = {}
     P = engine.page_size
     copy = engine.pool.copy_slots
+    planned: list[list[int]] = []
+
+    def expand(copies):
+        return [(s + i, d + i) for s, d, n in copies for i in range(n)]
+
+    def apply(pairs):
+        values = [shadow.get(a, ("garbage",)) for a, _ in pairs]  # gather first, as the batched copy does
+        for (_, b), v in zip(pairs, values):
+            shadow[b] = v
 
     def copy_slots(src, dst):
-        for a, b in zip(src.tolist(), dst.tolist()):
-            shadow[b] = shadow.get(a, ("garbage",))
+        assert planned and list(zip(src.tolist(), dst.tolist())) == planned.pop(0), "an unplanned KV copy"
         copy(src, dst)
 
     schedule = engine.scheduler.schedule
@@ -51,19 +62,24 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
     def checked_schedule():
         batch = schedule()
         _check_ownership(engine)
+        before, after = expand(batch.copies_before), expand(batch.copies_after)
+        planned[:] = [c for c in (before, after) if c]
+        apply(before)
         written = {}
-        for seq, start, end in batch:
+        for seq, start, end in zip(batch.seqs, batch.starts, batch.ends):
             for pos in range(start, end):
                 slot = seq.page_table[pos // P] * P + pos % P
                 assert slot not in written, "two writes to one slot in a step"
                 written[slot] = tuple(seq.tokens[:pos + 1])
-        for seq in engine.scheduler.running:  # nobody's computed KV is overwritten
-            if not any(seq is s for s, _, _ in batch):
+        for seq in engine.scheduler.running:  # nobody's computed KV is overwritten (forks share it now)
+            if not any(seq is s for s in batch.seqs + batch.samplers):
                 for pos in range(seq.num_computed):
                     assert seq.page_table[pos // P] * P + pos % P not in written
+        assert not set(written) & {d for _, d in before + after}, "a copy and the forward write one slot"
         shadow.update(written)
-        for seq, _, end in batch:
-            for pos in range(end):
+        apply(after)
+        for seq in engine.scheduler.running:
+            for pos in range(seq.num_computed):
                 assert shadow.get(seq.page_table[pos // P] * P + pos % P) == tuple(seq.tokens[:pos + 1])
         return batch
 
@@ -72,6 +88,7 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
     def checked_step():
         assert engine.stats.forward_steps < max_steps, "no progress: the scheduler is cycling"
         done = step()
+        assert not planned, "a planned KV copy did not run"
         _check_ownership(engine)
         return done
 

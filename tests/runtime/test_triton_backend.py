@@ -12,9 +12,8 @@ import torch
 
 from engine import Engine, SamplingParams
 from engine.model import Transformer, tiny_config
-from engine.runtime import triton_attention
-from engine.runtime.paged_attention import PagedBatch
-from engine.runtime.triton_attention import TritonBatch, sibling_groups
+from engine.runtime import engine as engine_module
+from engine.runtime.batch import StepBatch, sibling_groups
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -76,12 +75,12 @@ def test_a_shared_page_holding_the_current_token_is_refused():
         sibling_groups(_t([[3], [3]]), _t([3, 3]), page_size=4, min_prefix_tokens=1)
 
 
-def test_triton_batch_matches_the_torch_metadata():
+def test_step_metadata_of_mixed_decode_and_extend_rows():
     # decode, extend, decode, extend (a chunk of a partly computed sequence), decode sibling of row 0
     entries = [([4, 5], 6, 7), ([1, 2, 3], 0, 9), ([4, 6], 6, 7), ([8, 9], 3, 6), ([4, 7], 5, 6)]
-    ref = PagedBatch.build(entries, 4, "cpu")
-    b = TritonBatch.build(entries, 4, shared_prefix_min_tokens=4)
-    assert torch.equal(b.slot_mapping, ref.slot_mapping) and torch.equal(b.positions, ref.positions)
+    b = StepBatch.from_entries(entries, 4, shared_prefix_min_tokens=4)
+    assert b.positions.tolist() == [6, 0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 3, 4, 5, 5]
+    assert b.slot_mapping.tolist() == [22, 4, 5, 6, 7, 8, 9, 10, 11, 12, 26, 35, 36, 37, 29]
     assert b.num_tokens == 15
     assert b.decode_token_index.tolist() == [0, 10, 14]
     assert b.decode_kv_lens.tolist() == [7, 7, 6] and b.max_decode_kv_len == 7
@@ -93,8 +92,8 @@ def test_triton_batch_matches_the_torch_metadata():
     assert b.extend_kv_lens.tolist() == [9, 6] and b.extend_tables.tolist() == [[1, 2, 3], [8, 9, 0]]
     assert all(t.dtype == torch.int32 for t in (b.decode_tables, b.decode_kv_lens, b.extend_tables,
                                                   b.extend_kv_lens, b.cu_seqlens_q, b.group_offsets, b.prefix_lens))
-    assert TritonBatch.build(entries, 4, shared_prefix_min_tokens=None).group_offsets is None
-    only_extend = TritonBatch.build([([1, 2, 3], 0, 9)], 4)
+    assert StepBatch.from_entries(entries, 4, shared_prefix_min_tokens=None).group_offsets is None
+    only_extend = StepBatch.from_entries([([1, 2, 3], 0, 9)], 4)
     assert only_extend.num_decode == 0 and only_extend.decode_tables is None
 
 
@@ -152,14 +151,14 @@ def test_triton_backend_gives_the_torch_backends_tokens(page_size, windows, monk
     kw = dict(page_size=page_size, kv_cache_tokens=512, max_batch_tokens=8)
     expected = _workload(Engine(model, attention_backend="torch", **kw))
     steps = []
-    build = TritonBatch.build
+    build = engine_module.build_metadata
 
     def recording_build(*args, **kwargs):
         batch = build(*args, **kwargs)
         steps.append((batch.num_decode, batch.num_extend_tokens, batch.num_groups))
         return batch
 
-    monkeypatch.setattr(triton_attention.TritonBatch, "build", recording_build)
+    monkeypatch.setattr(engine_module, "build_metadata", recording_build)
     engine = Engine(model, attention_backend="triton", **kw)
     got = _workload(engine)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]

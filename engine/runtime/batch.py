@@ -1,0 +1,298 @@
+"""One step's metadata, built incrementally on the host and sent to the device in one copy.
+
+Every backend (the torch reference and the Triton kernels) and the sampler read the same
+`StepBatch`. It is built from persistent host arrays, not from Python lists:
+
+- `RowTable` gives every running sequence a row for as long as it runs. The row holds the
+  sequence's page table (`pages[row, :n]`) and its sampling parameters. The scheduler
+  writes a row when a sequence is admitted or forked and appends page ids as it grows, so a
+  step never rebuilds page tables from lists: it gathers the rows it needs.
+- `StepBuilder.build` turns the scheduler's arrays (rows, starts, ends) into the kernels'
+  metadata with a few numpy ops (a decode-only step, the common case, has no per-row work
+  at all), then `Staging.send` moves every array of the step (metadata, token ids and the
+  sampling parameters) to the device in one host-to-device copy from a pinned buffer.
+
+Invariant (CUDA): the pinned staging buffer is rewritten only after the previous step's
+tokens came back to the host (the one device-to-host sync per step), and that sync orders
+after the previous host-to-device copy on the same stream, so a copy in flight is never
+overwritten.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from engine.runtime.sequence import Sequence
+
+# Sibling groups (triton backend): the smallest shared prefix, in tokens, worth reading once per group.
+DEFAULT_SHARED_PREFIX_MIN_TOKENS = 16
+
+
+class RowTable:
+    """Host arrays indexed by a running sequence's row: its page table and sampling parameters.
+
+    Invariant: while a sequence is RUNNING it owns row `seq.row`, and
+    `pages[seq.row, :len(seq.page_table)] == seq.page_table`; a row is owned by at most one
+    sequence; entries past a table's length are stale and never read.
+    """
+
+    def __init__(self, max_rows: int, max_pages: int):
+        self.max_pages = max_pages
+        width = min(max_pages, 64)  # grows by doubling up to max_pages
+        self.pages = np.zeros((max_rows, width), dtype=np.int32)
+        self.temperature = np.ones(max_rows, dtype=np.float32)  # 1.0 on greedy rows
+        self.greedy = np.zeros(max_rows, dtype=bool)
+        self.top_p = np.ones(max_rows, dtype=np.float32)
+        self.top_k = np.zeros(max_rows, dtype=np.int64)
+        self.seed = np.zeros(max_rows, dtype=np.uint64)
+        self.logprobs = np.zeros(max_rows, dtype=bool)
+        self._free = list(range(max_rows - 1, -1, -1))  # row 0 handed out first
+
+    @property
+    def width(self) -> int:
+        return self.pages.shape[1]
+
+    def attach(self, seq: "Sequence") -> None:
+        """Give seq a row and write its page table and sampling parameters into it."""
+        if seq.row >= 0:
+            raise RuntimeError(f"sequence {seq.seq_id} already owns row {seq.row}")
+        if not self._free:
+            raise RuntimeError(f"no free row: {self.pages.shape[0]} sequences are already running")
+        row = seq.row = self._free.pop()
+        p = seq.params
+        self.greedy[row] = p.greedy
+        self.temperature[row] = 1.0 if p.greedy else p.temperature
+        self.top_p[row], self.top_k[row] = p.top_p, p.top_k
+        self.seed[row] = seq.seed
+        self.logprobs[row] = p.logprobs
+        self.write_pages(seq, 0)
+
+    def detach(self, seq: "Sequence") -> None:
+        if seq.row >= 0:
+            self._free.append(seq.row)
+            seq.row = -1
+
+    def write_pages(self, seq: "Sequence", start: int) -> None:
+        """Copy seq.page_table[start:] into its row (after an append, or all of it from 0)."""
+        table = seq.page_table
+        if len(table) > self.width:
+            self._grow(len(table))
+        if len(table) > start:
+            self.pages[seq.row, start:len(table)] = table[start:]
+
+    def _grow(self, need: int) -> None:
+        if need > self.max_pages:
+            raise RuntimeError(f"page table of {need} pages exceeds the row width limit {self.max_pages}")
+        width = self.width
+        while width < need:
+            width *= 2
+        grown = np.zeros((self.pages.shape[0], min(width, self.max_pages)), dtype=np.int32)
+        grown[:, :self.width] = self.pages
+        self.pages = grown
+
+
+@dataclass
+class StepBatch:
+    """Per-step attention metadata (host arrays from `build_metadata`, device tensors after `Staging.send`).
+
+    The step's new tokens form one flat list: entry i contributes positions start_i .. end_i - 1.
+    Decode rows are entries with one new token, extend rows those with more, each in batch order.
+    """
+
+    slot_mapping: torch.Tensor            # int64 [N] pool slot of each new token
+    positions: torch.Tensor               # int64 [N] absolute position of each new token
+    num_tokens: int
+    # decode rows (None when the step has none)
+    decode_token_index: torch.Tensor | None = None  # int64 [Bd] flat token of each decode row
+    decode_tables: torch.Tensor | None = None       # int32 [Bd, M]
+    decode_kv_lens: torch.Tensor | None = None      # int32 [Bd]
+    group_offsets: torch.Tensor | None = None       # int32 [G + 1], None: no sibling group this step
+    prefix_lens: torch.Tensor | None = None         # int32 [G]
+    # extend rows (None when the step has none)
+    extend_token_index: torch.Tensor | None = None  # int64 [Ne] flat tokens of the extend rows, in order
+    extend_tables: torch.Tensor | None = None       # int32 [Be, M]
+    extend_kv_lens: torch.Tensor | None = None      # int32 [Be]
+    cu_seqlens_q: torch.Tensor | None = None        # int32 [Be + 1]
+    max_seqlen_q: int = 0
+    max_decode_kv_len: int = 0
+    max_extend_kv_len: int = 0
+    num_groups: int = 0       # sibling groups of >= 2 rows (their prefix is read once per group)
+    grouped_rows: int = 0     # decode rows inside those groups
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode_kv_lens is None else self.decode_kv_lens.shape[0]
+
+    @property
+    def num_extend_tokens(self) -> int:
+        return 0 if self.extend_token_index is None else self.extend_token_index.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor | np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), (torch.Tensor, np.ndarray))}
+
+    @classmethod
+    def from_entries(cls, entries, page_size: int, *,
+                     shared_prefix_min_tokens: int | None = DEFAULT_SHARED_PREFIX_MIN_TOKENS) -> "StepBatch":
+        """Host metadata from (page_table, start, end) entries: for tests and one-off use."""
+        width = max(1, max(len(t) for t, _, _ in entries))
+        tables = np.zeros((len(entries), width), dtype=np.int32)
+        for i, (table, _, _) in enumerate(entries):
+            tables[i, :len(table)] = table
+        starts = np.array([s for _, s, _ in entries], dtype=np.int64)
+        ends = np.array([e for _, _, e in entries], dtype=np.int64)
+        return build_metadata(tables, starts, ends, page_size, shared_prefix_min_tokens).as_torch()
+
+    def as_torch(self) -> "StepBatch":
+        """The same metadata with numpy arrays wrapped as CPU tensors (no copy)."""
+        return replace(self, **{k: torch.from_numpy(v) for k, v in self.tensors().items() if isinstance(v, np.ndarray)})
+
+
+def build_metadata(tables: np.ndarray, starts: np.ndarray, ends: np.ndarray, page_size: int,
+                   shared_prefix_min_tokens: int | None) -> StepBatch:
+    """StepBatch (numpy arrays) of entries whose page tables are the rows of `tables` [B, W].
+
+    starts/ends int64 [B]: entry i computes positions [starts_i, ends_i).
+    """
+    P = page_size
+    b = len(starts)
+    q_lens = ends - starts
+    if bool((q_lens == 1).all()):  # decode only: token i is row i
+        positions = starts
+        slots = tables[np.arange(b), starts // P].astype(np.int64) * P + starts % P
+        batch = StepBatch(slots, positions, b)
+        _set_decode(batch, np.arange(b, dtype=np.int64), tables, ends, P, shared_prefix_min_tokens)
+        return batch
+    offsets = np.cumsum(q_lens) - q_lens
+    n = int(q_lens.sum())
+    entry = np.repeat(np.arange(b), q_lens)
+    positions = np.arange(n, dtype=np.int64) - offsets[entry] + starts[entry]
+    slots = tables[entry, positions // P].astype(np.int64) * P + positions % P
+    batch = StepBatch(slots, positions, n)
+    decode = np.flatnonzero(q_lens == 1)
+    if decode.size:
+        _set_decode(batch, offsets[decode], tables[decode], ends[decode], P, shared_prefix_min_tokens)
+    extend = np.flatnonzero(q_lens > 1)
+    if extend.size:
+        batch.extend_token_index = np.flatnonzero(q_lens[entry] > 1).astype(np.int64)
+        batch.extend_tables = np.ascontiguousarray(tables[extend])
+        batch.extend_kv_lens = ends[extend].astype(np.int32)
+        cu = np.zeros(extend.size + 1, dtype=np.int32)
+        cu[1:] = np.cumsum(q_lens[extend])
+        batch.cu_seqlens_q = cu
+        batch.max_seqlen_q = int(q_lens[extend].max())
+        batch.max_extend_kv_len = int(ends[extend].max())
+    return batch
+
+
+def _set_decode(batch: StepBatch, token_index: np.ndarray, tables: np.ndarray, ends: np.ndarray, page_size: int,
+                min_tokens: int | None) -> None:
+    batch.decode_token_index = token_index
+    batch.decode_tables = np.ascontiguousarray(tables)
+    batch.decode_kv_lens = ends.astype(np.int32)
+    batch.max_decode_kv_len = int(ends.max())
+    if min_tokens is not None:
+        groups = sibling_groups(batch.decode_tables, batch.decode_kv_lens, page_size, min_tokens)
+        if groups is not None:
+            batch.group_offsets, batch.prefix_lens = groups
+            sizes = np.diff(batch.group_offsets)
+            batch.num_groups = int((sizes >= 2).sum())
+            batch.grouped_rows = int(sizes[sizes >= 2].sum())
+
+
+def sibling_groups(tables, kv_lens, page_size: int, min_prefix_tokens: int):
+    """Group consecutive decode rows that share leading pages.
+
+    tables [B, M] page ids (entries past a row's ceil(kv_len / page_size) pages are ignored),
+    kv_lens [B] context lengths including the current token; numpy arrays or CPU tensors.
+    Returns (group_offsets int32 [G + 1], prefix_lens int32 [G]) of the same kind, or None
+    when no group has >= 2 rows.
+
+    Rule: row i starts a new group when it shares fewer than
+    `min_pages = ceil(min_prefix_tokens / page_size)` pages with row i-1, or fewer than row
+    i-1 shared with row i-2 (a drop in sharing marks the start of another fork's siblings,
+    which usually share a longer prefix among themselves). A group's prefix is the minimum
+    of its non-first rows' common pages, times page_size. Groups of one row get prefix 0.
+
+    Invariant: the page that receives a row's current token is never a shared page (each
+    sibling writes its own token: the scheduler shares only full pages of computed tokens
+    and copies a partial page). So a group's prefix ends before every member's current
+    position; this is checked and a broken step raises.
+    """
+    as_torch = isinstance(tables, torch.Tensor)
+    if as_torch:
+        tables, kv_lens = tables.numpy(), kv_lens.numpy()
+    b = tables.shape[0]
+    if b < 2:
+        return None
+    kv_lens = kv_lens.astype(np.int64)
+    used = (kv_lens + page_size - 1) // page_size  # pages each row actually reads
+    j = np.arange(tables.shape[1])
+    both = np.minimum(used[1:], used[:-1])
+    same = (tables[1:] == tables[:-1]) & (j[None, :] < both[:, None])
+    common = np.concatenate([[0], np.cumprod(same, axis=1).sum(axis=1)]).astype(np.int64)
+    min_pages = max(1, -(-min_prefix_tokens // page_size))
+    prev = np.concatenate([[0], common[:-1]])
+    starts = (common < min_pages) | (common < prev)  # row 0 always starts: common[0] = 0
+    group = np.cumsum(starts) - 1
+    g = int(group[-1]) + 1
+    sizes = np.bincount(group, minlength=g)
+    if int(sizes.max()) < 2:
+        return None
+    # A group's first row does not count: its `common` is with the previous group.
+    big = np.iinfo(np.int64).max
+    joined = np.where(starts, big, common)
+    prefix_pages = np.full(g, big, dtype=np.int64)
+    np.minimum.at(prefix_pages, group, joined)
+    prefix_lens = np.where(sizes >= 2, prefix_pages * page_size, 0)
+    broken = prefix_lens[group] >= kv_lens
+    if broken.any():
+        row = int(np.flatnonzero(broken)[0])
+        raise RuntimeError(
+            f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
+            f"(shared prefix {int(prefix_lens[group[row]])} tokens): each sibling must write its own page"
+        )
+    offsets = np.zeros(g + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(sizes)
+    prefix_lens = prefix_lens.astype(np.int32)
+    if as_torch:
+        return torch.from_numpy(offsets), torch.from_numpy(prefix_lens)
+    return offsets, prefix_lens
+
+
+class Staging:
+    """Moves a step's host arrays to the device in one copy (a persistent pinned buffer on CUDA).
+
+    On a CPU device the arrays are wrapped as tensors without a copy.
+    """
+
+    ALIGN = 8
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._host: torch.Tensor | None = None
+
+    def send(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return {k: torch.from_numpy(a) for k, a in arrays.items()}
+        layout, total = [], 0
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            layout.append((name, a, total))
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        if self._host is None or self._host.numel() < total:
+            self._host = torch.empty(max(total, 1 << 16), dtype=torch.uint8,
+                                     pin_memory=self.device.type == "cuda")
+        host = self._host.numpy()
+        for _, a, off in layout:
+            host[off:off + a.nbytes] = a.view(np.uint8).reshape(-1)
+        dev = self._host[:total].to(self.device, non_blocking=True)
+        out = {}
+        for name, a, off in layout:
+            dtype = torch.from_numpy(a[:0]).dtype
+            out[name] = dev[off:off + a.nbytes].view(dtype).view(a.shape)
+        return out
