@@ -1,0 +1,200 @@
+"""Host time of one Engine step, with the model body stubbed out (or, on a GPU, the real model).
+
+    python -m bench.host_overhead                           # CPU: stubbed body, every workload
+    python -m bench.host_overhead --rows 256 --new-tokens 32
+    python -m bench.host_overhead --real-model --config path/to/config.json   # GPU: host vs device
+
+Why: a VinePPO step is wide (56 MC states x K=9 = 504 rows decoding together) and a 1.1B
+forward for it takes a few ms on an H100. Everything the engine does around the forward
+(schedule, metadata, sampling, stop checks) adds to that, because host and device do not
+overlap. With the body stubbed to return zeros of the right shape, the only work left is
+the engine's own: what this bench times.
+
+Workloads (T 0.6, top-p 0.9, ignore_eos, `--new-tokens` tokens each):
+- plain: `--rows` prompts of 16 random tokens, one sample each (a wide decode batch);
+- mc: the MC phase shape: `--episodes` trajectories are generated first, then
+  `--states` states (prompt + a prefix of a trajectory, spread over the episodes) with
+  n=`--k` rollouts each; only the MC call is timed;
+- mc+stop: the same with VinePPO's stop string;
+- mc+stop+seed: the same with one seed per state.
+
+Reported per workload: host ms per step (wall time of the timed generate call over its
+forward steps), us per sampled row, and the split between schedule, prepare (metadata),
+forward, sample and postprocess (finish and stop checks) from `engine.step_times`. The
+best of `--repeats` runs is kept. With `--real-model` (CUDA) the body is not stubbed: the
+step's wall time is then device + host, and `sync` (time blocked on the step's one
+device-to-host transfer) approximates the device time the host waited for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine import Engine, SamplingParams, load_model
+from engine.model import ModelConfig, Transformer, create_tiny_checkpoint
+
+STOP = ("\n\n\nProblem:",)  # VinePPO's stop string for GSM8K / MATH
+TARGET_MS = 4.0             # issue 12: host ms per step at 504-512 rows on the 2-core CPU
+PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
+
+
+def stub_body(model: Transformer) -> None:
+    """Replace the backbone's forward by zeros of the right shape (the LM head stays real)."""
+    body = model.model
+    hidden = model.config.hidden_size
+    weight = model.lm_head_weight
+
+    def zeros(input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        return torch.zeros(1, input_ids.shape[1], hidden, dtype=weight.dtype, device=weight.device)
+
+    body.forward = zeros
+
+
+def build(args) -> tuple[Transformer, object]:
+    folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
+    if args.config is None:
+        create_tiny_checkpoint(folder, seed=0)
+    else:
+        cfg = ModelConfig.from_hf_dict(json.loads(Path(args.config).read_text()))
+        Transformer(cfg).init_weights(0).save_pretrained(folder)
+    device = "cuda" if args.real_model else args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tok = load_model(folder, dtype=dtype, device=device)
+    if not args.real_model:
+        stub_body(model)
+    return model, tok
+
+
+def make_engine(model, tok, args) -> Engine:
+    rows = max(args.rows, args.states * args.k)
+    return Engine(model, tok, page_size=args.page_size, max_num_seqs=rows, max_batch_tokens=args.max_batch_tokens,
+                  kv_cache_tokens=args.kv_cache_tokens, attention_backend=args.attention_backend)
+
+
+def sync(model) -> None:
+    if model.lm_head_weight.is_cuda:
+        torch.cuda.synchronize()
+
+
+def workload_requests(name: str, engine: Engine, args, rng: torch.Generator):
+    """(prompts, params) of the timed call; runs the untimed set-up (trajectories) itself."""
+    vocab = min(engine.config.vocab_size, len(engine.tokenizer)) if engine.tokenizer else engine.config.vocab_size
+    base = dict(temperature=0.6, top_p=0.9, max_new_tokens=args.new_tokens, ignore_eos=True)
+    if name == "plain":
+        prompts = [torch.randint(4, vocab, (16,), generator=rng).tolist() for _ in range(args.rows)]
+        return prompts, SamplingParams(**base)
+    episodes = [torch.randint(4, vocab, (args.prompt_len,), generator=rng).tolist() for _ in range(args.episodes)]
+    responses = engine.generate(episodes, SamplingParams(**base, seed=1).per_prompt(len(episodes)))
+    per_episode = -(-args.states // args.episodes)
+    cuts = [round(i * args.new_tokens / per_episode) for i in range(per_episode)]
+    states = [episodes[e] + responses[e][0].token_ids[:c] for e in range(args.episodes) for c in cuts][:args.states]
+    extra = {}
+    if "stop" in name:
+        extra["stop"] = STOP
+    params = SamplingParams(n=args.k, **base, **extra)
+    if "seed" in name:
+        return states, [SamplingParams(n=args.k, **base, **extra, seed=i) for i in range(len(states))]
+    return states, params
+
+
+def run_once(name: str, model, tok, args) -> dict:
+    engine = make_engine(model, tok, args)
+    rng = torch.Generator().manual_seed(args.seed)
+    prompts, params = workload_requests(name, engine, args, rng)
+    engine.stats.reset()
+    times = getattr(engine, "step_times", None)
+    if times is not None:
+        times.reset()
+    sync(model)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    sync(model)
+    wall = time.perf_counter() - t0
+    steps = engine.stats.forward_steps
+    rows = sum(len(c.token_ids) for group in outs for c in group)
+    row = {"workload": name, "wall_s": wall, "steps": steps, "sampled_rows": rows,
+           "rows_per_step": rows / steps, "host_ms_per_step": 1e3 * wall / steps,
+           "us_per_row": 1e6 * wall / rows, "prefill_tokens": engine.stats.prefill_tokens,
+           "cached_tokens": engine.stats.cached_tokens, "evicted_tokens": engine.stats.evicted_tokens,
+           "preemptions": engine.stats.preemptions}
+    if times is not None:
+        row["phases_ms_per_step"] = {k: 1e3 * v / max(times.steps, 1) for k, v in times.as_dict().items()
+                                     if k != "steps"}
+    return row
+
+
+def device_bound_ms(rows: int, context: int) -> float:
+    """DESIGN.md's bound for a 1.1B Llama (bf16, 22 layers, 4 KV heads of 64) decode step on an H100."""
+    params, layers, kv_heads, head_dim = 1.1e9, 22, 4, 64
+    kv_bytes = 2 * layers * kv_heads * head_dim * 2 * rows * context
+    return 1e3 * max((params * 2 + kv_bytes) / 3.35e12, 2 * params * rows / 989e12)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="plain,mc,mc+stop,mc+stop+seed")
+    ap.add_argument("--rows", type=int, default=512, help="rows of the plain workload")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--states", type=int, default=56)
+    ap.add_argument("--k", type=int, default=9)
+    ap.add_argument("--prompt-len", type=int, default=96)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--attention-backend", choices=("auto", "torch", "triton"), default="auto")
+    ap.add_argument("--device", default="cpu", help="device of the stubbed run (cpu or cuda)")
+    ap.add_argument("--real-model", action="store_true", help="CUDA: keep the model body (host vs device time)")
+    ap.add_argument("--config", default=None, help="HF config.json of the model (default: the built-in tiny model)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/results/host_overhead.json")
+    args = ap.parse_args(argv)
+    for name in ("rows", "new_tokens", "episodes", "states", "k", "prompt_len", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.states < args.episodes:
+        ap.error(f"--states ({args.states}) must be >= --episodes ({args.episodes})")
+    if args.real_model and not torch.cuda.is_available():
+        ap.error("--real-model needs a CUDA device")
+    names = args.workloads.split(",")
+    bad = [n for n in names if n not in ("plain", "mc", "mc+stop", "mc+stop+seed")]
+    if bad:
+        ap.error(f"unknown workload(s) {bad}; choose from plain, mc, mc+stop, mc+stop+seed")
+    torch.manual_seed(args.seed)
+    model, tok = build(args)
+    results = []
+    for name in names:
+        runs = [run_once(name, model, tok, args) for _ in range(args.repeats)]
+        results.append(min(runs, key=lambda r: r["host_ms_per_step"]))
+    device = torch.cuda.get_device_name() if model.lm_head_weight.is_cuda else "cpu"
+    mode = "real model" if args.real_model else "model body stubbed (zeros)"
+    print(f"\nEngine host overhead on {device}, {mode}, vocab {model.config.vocab_size}, best of {args.repeats}; "
+          f"target {TARGET_MS} ms/step; a 1.1B forward at 504 rows x 160 tokens is >= "
+          f"{device_bound_ms(504, 160):.2f} ms on an H100 (DESIGN.md bound)")
+    head = f"{'workload':<14}{'steps':>7}{'rows/step':>10}{'ms/step':>9}{'us/row':>8}{'vs target':>10}"
+    has_phases = all("phases_ms_per_step" in r for r in results)
+    if has_phases:
+        head += "".join(f"{p:>13}" for p in PHASES)
+    print(head)
+    for r in results:
+        line = (f"{r['workload']:<14}{r['steps']:>7}{r['rows_per_step']:>10.1f}{r['host_ms_per_step']:>9.2f}"
+                f"{r['us_per_row']:>8.2f}{r['host_ms_per_step'] / TARGET_MS:>9.2f}x")
+        if has_phases:
+            line += "".join(f"{r['phases_ms_per_step'].get(p, 0.0):>13.2f}" for p in PHASES)
+        print(line)
+    report = {"device": device, "date": time.strftime("%Y-%m-%d"), "mode": mode, "args": vars(args),
+              "target_ms_per_step": TARGET_MS, "device_bound_ms_1b1_504rows": device_bound_ms(504, 160),
+              "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

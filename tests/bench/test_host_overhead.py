@@ -1,0 +1,29 @@
+"""bench.host_overhead runs end to end at a tiny size, reports every phase, and rejects bad sizes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import host_overhead
+
+
+def test_a_tiny_run_reports_every_workload_and_phase(tmp_path):
+    out = tmp_path / "host.json"
+    report = host_overhead.main(["--rows", "6", "--new-tokens", "3", "--episodes", "2", "--states", "4", "--k", "2",
+                                 "--prompt-len", "8", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = {r["workload"]: r for r in report["results"]}
+    assert set(rows) == {"plain", "mc", "mc+stop", "mc+stop+seed"}
+    assert rows["plain"]["sampled_rows"] == 6 * 3
+    for r in rows.values():
+        assert r["steps"] >= 3 and r["host_ms_per_step"] > 0
+        assert set(r["phases_ms_per_step"]) == {"schedule", "prepare", "forward", "sample", "postprocess"}
+    assert rows["mc"]["prefill_tokens"] == 4  # the states' prefixes come from the cache: one token each
+
+
+@pytest.mark.parametrize("flag", ["--rows", "--new-tokens", "--k", "--states", "--repeats"])
+def test_sizes_below_one_are_errors(flag, capsys):
+    with pytest.raises(SystemExit):
+        host_overhead.main([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
