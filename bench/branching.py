@@ -69,6 +69,7 @@ def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
                                              max_new_tokens=args.response_len - j, ignore_eos=True))
     engine.stats.reset()
     engine.attention_stats.reset()
+    engine.step_times.reset()
     rollouts = engine.generate(states, params, progress=True)
     sync()
     t2 = time.perf_counter()
@@ -78,7 +79,9 @@ def run_engine(model, prompts, cuts, args, prefix_cache: bool) -> dict:
             "mc_cached_tokens": engine.stats.cached_tokens, "mc_forward_steps": engine.stats.forward_steps,
             "preemptions": engine.stats.preemptions, "states": len(states),
             "attention_backend": engine.attention_backend, "cuda_graphs": engine.cuda_graphs,
-            "mc_attention": engine.attention_stats.as_dict()}
+            "mc_attention": engine.attention_stats.as_dict(),
+            "mc_step_ms": {k: 1e3 * v / max(engine.step_times.steps, 1)
+                           for k, v in engine.step_times.as_dict().items() if k != "steps"}}
 
 
 @torch.no_grad()
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"engine attention: {eng['attention_backend']}, cuda graphs: {'on' if eng['cuda_graphs'] else 'off'}, "
           f"MC steps {eng['mc_forward_steps']} ({eng['mc_attention']['graph_steps']} from graphs, "
           f"{eng['mc_attention']['shared_prefix_steps']} with shared-prefix groups)")
+    print("engine MC ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in eng["mc_step_ms"].items()))
     print(f"{'method':<24}{'traj s':>9}{'MC s':>9}{'MC tok/s':>11}{'MC prefill':>12}{'cached':>10}{'MC speedup':>12}")
     for name, r in results.items():
         print(f"{name:<24}{r['trajectory_s']:>9.2f}{r['mc_s']:>9.2f}{r['mc_tokens_per_s']:>11.0f}"

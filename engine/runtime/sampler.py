@@ -250,10 +250,11 @@ def _inverse_cdf(
     (sequential on CPU; Sklansky on CUDA adds a zero to an exact partial sum), except in
     principle CUDA's single-row CUB scan, which may reassociate; `flat` makes it hold by
     construction (zero-weight entries copy the previous CDF value: cummax of the CDF with
-    -inf at zeros) at the cost of a cummax, which the callers pay only on narrow tensors.
+    -inf at zeros) at the cost of a cummax, which the callers pay only on narrow tensors,
+    and only on CUDA (the CPU scan is sequential, so it already holds there).
     """
     cdf = weights.double().cumsum_(-1)
-    if flat:
+    if flat and weights.is_cuda:
         cdf = torch.where(weights > 0, cdf, float("-inf")).cummax(-1).values
     total = cdf[:, -1].clone()  # not a view: the [R, N] float64 CDF is freed on return
     target = (u * total)[:, None]
