@@ -30,6 +30,7 @@ class StopMatcher:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._pieces: list[str | None] | None = None
+        self._keep: dict[tuple[str, ...], int] = {}  # stop strings -> characters of tail to keep
 
     @property
     def pieces(self) -> list[str | None]:
@@ -41,17 +42,22 @@ class StopMatcher:
     def update(self, seq: Sequence, token: int) -> bool:
         """Account for `token`, just appended to seq.tokens; True if a stop string now appears."""
         stop = seq.params.stop
-        pieces = self.pieces
+        keep = self._keep.get(stop)
+        if keep is None:
+            keep = self._keep[stop] = max(len(s) for s in stop) - 1
+        pieces = self._pieces if self._pieces is not None else self.pieces
         piece = pieces[token] if token < len(pieces) else ""
-        longest = max(len(s) for s in stop)
         if piece is None or len(seq.tokens) - seq.prompt_len == 1:
             # The first token is decoded alone, as the text starts (a leading-space marker is dropped).
-            window = seq.tokens[max(seq.prompt_len, len(seq.tokens) - longest - EXACT_WINDOW):]
+            window = seq.tokens[max(seq.prompt_len, len(seq.tokens) - keep - 1 - EXACT_WINDOW):]
             text = self.tokenizer.decode(window, skip_special_tokens=True)
         else:
             text = seq.stop_tail + piece
-        seq.stop_tail = text[-(longest - 1):] if longest > 1 else ""
-        return any(s in text for s in stop)
+        seq.stop_tail = text[-keep:] if keep else ""
+        for s in stop:
+            if s in text:
+                return True
+        return False
 
 
 def token_pieces(tokenizer) -> list[str | None]:
