@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
 from engine.model import ModelConfig, Transformer, tiny_config
-from engine.runtime.paged_attention import DEFAULT_SHARED_PREFIX_MIN_TOKENS
+from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 

@@ -29,13 +29,8 @@ from tqdm import tqdm
 
 from engine.cache import PageAllocator, RadixTree
 from engine.model.transformer import Transformer
-from engine.runtime.batch import RowTable, Staging, StepBatch, build_metadata
-from engine.runtime.paged_attention import (
-    DEFAULT_SHARED_PREFIX_MIN_TOKENS,
-    AttentionStats,
-    KVPool,
-    TorchPagedAttention,
-)
+from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, RowTable, Staging, StepBatch, build_metadata
+from engine.runtime.paged_attention import AttentionStats, KVPool, TorchPagedAttention
 from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, cut_at_stop, mix_seed
 from engine.runtime.sampler import SamplingBatch, counter_uniforms, sample
 from engine.runtime.scheduler import Scheduled, Scheduler

@@ -17,7 +17,7 @@ from typing import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, StepBatch  # noqa: F401 (re-exported)
+from engine.runtime.batch import StepBatch
 
 
 

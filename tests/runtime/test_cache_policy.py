@@ -5,15 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine, SamplingParams, load_model
-from engine.model import create_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-policy")
-    create_tiny_checkpoint(folder, seed=5)
-    return load_model(folder)
+from engine import Engine, SamplingParams
 
 
 def _clean(engine: Engine) -> None:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from engine import Engine, SamplingParams, load_model
-from engine.model import create_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 
@@ -32,13 +31,6 @@ def _pages_balance(engine: Engine) -> None:
         assert engine.allocator.ref_count(p) == refs.get(p, 0), p
     engine.tree.check_invariants()
     assert engine.tree.lock_ref(0) == 0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    create_tiny_checkpoint(folder, seed=5)
-    return load_model(folder)
 
 
 @pytest.mark.parametrize("family,page_size", [("llama", 1), ("llama", 4), ("qwen3", 16), ("mistral", 3)])

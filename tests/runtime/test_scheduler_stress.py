@@ -7,15 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine import Engine, SamplingParams, load_model
-from engine.model import create_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-stress")
-    create_tiny_checkpoint(folder, seed=5)
-    return load_model(folder)
+from engine import Engine, SamplingParams
 
 
 def _check_ownership(engine: Engine) -> None:
