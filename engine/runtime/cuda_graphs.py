@@ -104,8 +104,8 @@ class DecodeGraphRunner:
         return next(s for s in self.sizes if s >= rows)
 
     @torch.no_grad()
-    def run(self, token_ids: Seq[int], batch: StepBatch) -> torch.Tensor:
-        """Hidden states [B, d] of a decode-only step (batch: the step's host metadata, CPU tensors)."""
+    def run(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Hidden states [B, d] of a decode-only step (token ids and metadata already on the device)."""
         rows = batch.num_decode
         size = self.padded_size(rows)
         if self.capture and not self.graphs:
@@ -123,22 +123,19 @@ class DecodeGraphRunner:
             self.outputs.clear()
 
     # ------------------------------------------------------------------ internals
-    def _load(self, token_ids: Seq[int], batch: StepBatch, size: int) -> None:
-        """Copy the live rows into the static buffers; rows [B, size) become padding."""
+    def _load(self, token_ids: torch.Tensor, batch: StepBatch, size: int) -> None:
+        """Copy the live rows into the static buffers (device to device: no sync); rows [B, size) become padding."""
         rows = batch.num_decode
-        host = torch.empty(3, size, dtype=torch.int64)
-        host[0, :rows] = torch.as_tensor(token_ids, dtype=torch.int64)
-        host[1, :rows] = batch.positions
-        host[2, :rows] = batch.slot_mapping
-        host[:2, rows:] = 0
-        host[2, rows:] = self.scratch_slot  # padding writes only the scratch page
-        lens = torch.ones(size, dtype=torch.int32)  # padding reads one slot: the scratch slot
-        lens[:rows] = batch.decode_kv_lens
-        self.inputs[:, :size].copy_(host, non_blocking=True)
-        self.kv_lens[:size].copy_(lens, non_blocking=True)
+        self.inputs[0, :rows].copy_(token_ids)
+        self.inputs[1, :rows].copy_(batch.positions)
+        self.inputs[2, :rows].copy_(batch.slot_mapping)
+        self.inputs[:2, rows:size] = 0
+        self.inputs[2, rows:size] = self.scratch_slot  # padding writes only the scratch page
+        self.kv_lens[:rows].copy_(batch.decode_kv_lens)
+        self.kv_lens[rows:size] = 1  # padding reads one slot: the scratch slot
         width = batch.decode_tables.shape[1]
         # Live rows: their pages, then stale in-range ids past their length (never read).
-        self.page_tables[:rows, :width].copy_(batch.decode_tables, non_blocking=True)
+        self.page_tables[:rows, :width].copy_(batch.decode_tables)
         self.page_tables[rows:size].fill_(self.scratch_page)
 
     def _forward(self, size: int) -> torch.Tensor:

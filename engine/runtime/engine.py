@@ -300,7 +300,7 @@ class Engine:
         if self._graphs is not None and self._graphs.fits(host):
             st.graph_steps += 1
             st.graph_padded_rows += self._graphs.padded_size(host.num_decode) - host.num_decode
-            return self._graphs.run(ids, host.as_torch())
+            return self._graphs.run(ids, meta)
         if host.group_offsets is not None:
             st.shared_prefix_steps += 1
             st.shared_prefix_groups += host.num_groups
