@@ -7,15 +7,15 @@ Every backend (the torch reference and the Triton kernels) and the sampler read 
   sequence's page table (`pages[row, :n]`) and its sampling parameters. The scheduler
   writes a row when a sequence is admitted or forked and appends page ids as it grows, so a
   step never rebuilds page tables from lists: it gathers the rows it needs.
-- `StepBuilder.build` turns the scheduler's arrays (rows, starts, ends) into the kernels'
-  metadata with a few numpy ops (a decode-only step, the common case, has no per-row work
-  at all), then `Staging.send` moves every array of the step (metadata, token ids and the
-  sampling parameters) to the device in one host-to-device copy from a pinned buffer.
+- `build_metadata` turns the step's rows, starts and ends into the kernels' metadata with
+  a few numpy ops (a decode-only step, the common case, has no per-row work at all), then
+  `Staging.send` moves every array of the step (metadata, token ids, sampling parameters)
+  to the device in one host-to-device copy from a pinned buffer.
 
-Invariant (CUDA): the pinned staging buffer is rewritten only after the previous step's
-tokens came back to the host (the one device-to-host sync per step), and that sync orders
-after the previous host-to-device copy on the same stream, so a copy in flight is never
-overwritten.
+Invariant (CUDA): a pinned staging buffer is rewritten only after the copy that last read
+it has completed (an event per buffer; two buffers alternate, so the wait is normally
+already over: a step that samples has synchronised on its tokens, and a prefill-only step
+that does not sample has at least the previous step's copy behind it).
 """
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def sibling_groups(tables, kv_lens, page_size: int, min_prefix_tokens: int):
 
 
 class Staging:
-    """Moves a step's host arrays to the device in one copy (a persistent pinned buffer on CUDA).
+    """Moves a step's host arrays to the device in one copy (two alternating pinned buffers on CUDA).
 
     On a CPU device the arrays are wrapped as tensors without a copy.
     """
@@ -274,7 +274,9 @@ class Staging:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._host: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._events: list[object | None] = [None, None]  # torch.cuda.Event of the copy that last read each buffer
+        self._next = 0
 
     def send(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
@@ -284,13 +286,22 @@ class Staging:
             a = np.ascontiguousarray(a)
             layout.append((name, a, total))
             total += -(-a.nbytes // self.ALIGN) * self.ALIGN
-        if self._host is None or self._host.numel() < total:
-            self._host = torch.empty(max(total, 1 << 16), dtype=torch.uint8,
-                                     pin_memory=self.device.type == "cuda")
-        host = self._host.numpy()
+        i = self._next
+        self._next = 1 - i
+        if self._events[i] is not None:
+            self._events[i].synchronize()  # the copy that last read this buffer is done
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < total:
+            buf = self._buffers[i] = torch.empty(max(total, 1 << 16), dtype=torch.uint8,
+                                                 pin_memory=self.device.type == "cuda")
+        host = buf.numpy()
         for _, a, off in layout:
             host[off:off + a.nbytes] = a.view(np.uint8).reshape(-1)
-        dev = self._host[:total].to(self.device, non_blocking=True)
+        dev = buf[:total].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._events[i] = event
         out = {}
         for name, a, off in layout:
             dtype = torch.from_numpy(a[:0]).dtype

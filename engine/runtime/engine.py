@@ -243,37 +243,36 @@ class Engine:
         arrays = host.tensors()
         if sched.decode_only:
             arrays["input_ids"] = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=len(seqs))
-            sample_rows, positions = row_ids, ends
+            table_rows, positions = row_ids, ends  # the samplers' rows in the row table, their draw positions
         else:
             ids: list[int] = []
             for s, a, b in zip(seqs, sched.starts, sched.ends):
                 ids += s.tokens[a:b]
             arrays["input_ids"] = np.array(ids, dtype=np.int64)
             samplers = sched.samplers
-            sample_rows = np.fromiter((s.row for s in samplers), dtype=np.int64, count=len(samplers))
+            table_rows = np.fromiter((s.row for s in samplers), dtype=np.int64, count=len(samplers))
             positions = np.fromiter((len(s.tokens) for s in samplers), dtype=np.int64, count=len(samplers))
             arrays["sample_index"] = np.array(sched.sample_rows, dtype=np.int64)
         for name, copies in (("copy_before", sched.copies_before), ("copy_after", sched.copies_after)):
             if copies:
                 arrays[name + "_src"], arrays[name + "_dst"] = _copy_indices(copies)
-        sampling_flags = None
-        if len(sample_rows):
-            greedy = rows.greedy[sample_rows]
-            top_p, top_k = rows.top_p[sample_rows], rows.top_k[sample_rows]
-            all_greedy = bool(greedy.all())
-            arrays["temperature"] = rows.temperature[sample_rows]
+        flags = None
+        if len(table_rows):
+            greedy = rows.greedy[table_rows]
+            top_p, top_k = rows.top_p[table_rows], rows.top_k[table_rows]
+            arrays["temperature"] = rows.temperature[table_rows]
             arrays["top_p"], arrays["top_k"] = top_p, top_k
-            arrays["uniform"] = counter_uniforms(rows.seed[sample_rows], positions)
+            arrays["uniform"] = counter_uniforms(rows.seed[table_rows], positions)
             if greedy.any():
                 arrays["greedy"] = greedy
-            sampling_flags = (all_greedy, bool((~greedy & ((top_p < 1) | (top_k > 0))).any()),
-                              bool(rows.logprobs[sample_rows].any()))
+            cuts = (top_p < 1) | ((top_k > 0) & (top_k < self.config.vocab_size))
+            flags = dict(all_greedy=bool(greedy.all()), any_cut=bool((~greedy & cuts).any()),
+                         want_logprobs=bool(rows.logprobs[table_rows].any()), any_uncut=bool((~greedy & ~cuts).any()))
         dev = self.staging.send(arrays)
         sampling = None
-        if sampling_flags is not None:
-            all_greedy, any_cut, want_logprobs = sampling_flags
-            sampling = SamplingBatch(dev["temperature"], dev["top_p"], dev["top_k"], dev["uniform"],
-                                     dev.get("greedy"), all_greedy, any_cut, want_logprobs)
+        if flags is not None:
+            sampling = SamplingBatch(dev["temperature"], dev["top_p"], dev["top_k"], dev["uniform"], dev.get("greedy"),
+                                     **flags)
         return host, dev, sampling
 
     def _forward(self, sched: Scheduled, host: StepBatch, dev: dict[str, torch.Tensor]) -> torch.Tensor:

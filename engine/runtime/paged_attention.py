@@ -6,8 +6,8 @@ sequences); `StepBatch` (engine/runtime/batch.py) holds the per-step metadata ev
 `TorchPagedAttention` is the attention context the model calls per layer: it writes the new
 K/V into the pool, then attends each sequence's queries to its paged KV. Decode rows
 (one query) and extend rows (several) are attended in two separate batched calls so a
-long prefill chunk does not pad hundreds of decode rows. The per-step metadata is the
-common `StepBatch` every backend reads; `torch_rows` derives this backend's padded views.
+long prefill chunk does not pad hundreds of decode rows; `torch_rows` derives this
+backend's padded views from the common metadata.
 """
 from __future__ import annotations
 

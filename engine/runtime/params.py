@@ -15,8 +15,10 @@ class SamplingParams:
         (or earlier, at the model's context length).
     stop_token_ids / stop: extra stop tokens and stop strings (strings need a tokenizer);
         the EOS token stops too unless ignore_eos.
-    seed: per-request seed; the i-th sample draws from its own generator seeded by
-        (seed, i), so its tokens do not depend on what else is batched. One seeded
+    seed: per-request seed; the i-th sample's token at position p uses the uniform
+        hash(mix_seed(seed, i), p) (counter-based, engine/runtime/sampler.py), so its tokens
+        do not depend on what else is batched; without a seed, each sample's key is drawn
+        from torch's global generator. One seeded
         SamplingParams shared by many prompts gives every prompt's i-th sample the same
         random numbers (correlated samples: a bad estimate of accuracy); use
         `params.per_prompt(len(prompts))` for one seed per prompt.

@@ -38,12 +38,13 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def counter_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """One uniform in (0, 1] per row, a pure function of (seed, position): float32 [B].
+    """One uniform in (0, 1] per row, a pure function of (seed, position): float64 [B].
 
     seeds: uint64 [B] (each sequence's own seed); positions: int64 [B] (the index in the
     sequence of the token being sampled). x = seed ^ (position + 1) * golden ratio, then the
-    splitmix64 finaliser; the top 24 bits give u = (k + 1) / 2**24, k in [0, 2**24): exactly
-    representable in float32, never 0 (so target = u * total > 0 in the draw), at most 1.
+    splitmix64 finaliser; the top 53 bits give u = (k + 1) / 2**53, k in [0, 2**53): exactly
+    representable in float64, never 0 (so target = u * total > 0 in the draw), at most 1.
+    53 bits, not 24: a token of probability 1e-9 is drawn at its own rate, not on a coarse grid.
     """
     seeds = np.asarray(seeds, dtype=np.uint64)
     positions = np.asarray(positions, dtype=np.int64)
@@ -54,7 +55,7 @@ def counter_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         x = x ^ (x >> np.uint64(27))
         x = x * _MIX2
         x = x ^ (x >> np.uint64(31))
-    return ((x >> np.uint64(40)) + np.uint64(1)).astype(np.float32) * np.float32(2.0 ** -24)
+    return ((x >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * (2.0 ** -53)
 
 
 @dataclass
@@ -64,11 +65,12 @@ class SamplingBatch:
     temperature: torch.Tensor    # float32 [B], > 0 (1.0 on greedy rows)
     top_p: torch.Tensor          # float32 [B] in (0, 1]
     top_k: torch.Tensor          # int64 [B], 0 = no top-k cut
-    uniform: torch.Tensor        # float32 [B] in (0, 1]: the row's draw (counter_uniforms)
+    uniform: torch.Tensor        # float64 [B] in (0, 1]: the row's draw (counter_uniforms)
     greedy: torch.Tensor | None  # bool [B]; None when no row is greedy
     all_greedy: bool             # host-known: every row is greedy (skip sampling entirely)
     any_cut: bool                # host-known: some non-greedy row has top_p < 1 or top_k > 0
     want_logprobs: bool          # host-known: some row asked for log-probs
+    any_uncut: bool = True       # host-known: some non-greedy row has no cut (False: skip the full-vocabulary CDF)
 
     @classmethod
     def build(
@@ -90,15 +92,16 @@ class SamplingBatch:
         greedy = temperature == 0
         top_p = np.asarray(top_p, dtype=np.float64)
         top_k = np.asarray(top_k, dtype=np.int64)
-        uniform = np.asarray(uniform, dtype=np.float32)  # float32 values survive float64 exactly
+        uniform = np.asarray(uniform, dtype=np.float64)
         packed = np.stack([np.where(greedy, 1.0, temperature), top_p, top_k, uniform, greedy])
         dev = torch.from_numpy(packed).to(device)
         return cls(
-            temperature=dev[0].float(), top_p=dev[1].float(), top_k=dev[2].long(), uniform=dev[3].float(),
+            temperature=dev[0].float(), top_p=dev[1].float(), top_k=dev[2].long(), uniform=dev[3],
             greedy=dev[4].bool() if greedy.any() else None,
             all_greedy=bool(greedy.all()),
             any_cut=bool((~greedy & ((top_p < 1) | (top_k > 0))).any()),
             want_logprobs=want_logprobs,
+            any_uncut=bool((~greedy & (top_p >= 1) & (top_k <= 0)).any()),
         )
 
 
@@ -140,10 +143,13 @@ def sample(
     u = batch.uniform.double()
     top_p = batch.top_p.float()
 
-    # Rows without a cut: inverse CDF over the unsorted vocabulary, no sort.
-    token, weight, total = _inverse_cdf(probs, u)
-    redo = None
+    # Rows without a cut: inverse CDF over the unsorted vocabulary, no sort (skipped when
+    # every row has a cut, the trainer's usual top_p < 1).
+    token = weight = redo = None
+    if batch.any_uncut:
+        token, weight, _ = _inverse_cdf(probs, u)
     if batch.any_cut:
+        total = probs.double().sum(-1)  # the row's full mass, the same whatever the other rows ask for
         k, cut = _effective_top_k(batch.top_k, top_p, V)
         c = min(candidates, V)
         cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
@@ -153,9 +159,12 @@ def sample(
         # and so is every later one). Else the row needs the full sort.
         exact = (k <= c) | ((k >= V) & (mass >= top_p))
         idx, cand_w, _ = _inverse_cdf(kept, u, flat=True)
-        token = torch.where(cut, cand_i.gather(1, idx[:, None]).squeeze(1), token)
-        weight = torch.where(cut, cand_w, weight)
+        cand_token = cand_i.gather(1, idx[:, None]).squeeze(1)
+        token = cand_token if token is None else torch.where(cut, cand_token, token)
+        weight = cand_w if weight is None else torch.where(cut, cand_w, weight)
         redo = cut & ~exact
+    if token is None:  # no row samples (cannot happen with all_greedy False): keep the shapes honest
+        token, weight = logits.argmax(-1), torch.ones(B, device=logits.device)
     # Guard: the draw cannot land on a zero weight as long as a zero weight leaves the running
     # sum unchanged (see _inverse_cdf), which the candidates' flattened CDF guarantees and the
     # unsorted one (not flattened: a cummax over [B, V] would cost another pass) gets from

@@ -24,9 +24,10 @@ KV copies are deferred into the step (`copies_before` run before the forward, `c
 after it) so that admission does no device work: a copy's source is read before anything in
 the step writes (the forward, or a later copy in the same batched op, which gathers first).
 
-Admission keeps a watermark: while other sequences run, it leaves enough free pages for
-every running sequence's next token and for the admitted request's forks, so a sequence is
-not admitted only to be preempted at the next step.
+Admission keeps a watermark: while other sequences run, it leaves a free page for every
+running sequence whose next token starts a page and for every pending fork, so a decode
+step right after an admission does not preempt for lack of pages (a long prefill chunk
+may still need more than that).
 """
 from __future__ import annotations
 
@@ -54,9 +55,6 @@ class Scheduled:
     copies_after: list[tuple[int, int, int]] = field(default_factory=list)
     cache_after: list[Sequence] = field(default_factory=list)  # prefills to insert into the tree after the forward
     requeued: dict[int, list[Sequence]] = field(default_factory=dict)  # leader seq_id -> siblings that found no page
-
-    def __len__(self) -> int:
-        return len(self.seqs)
 
 
 class Scheduler:
@@ -127,10 +125,8 @@ class Scheduler:
             seq = self.waiting[0]
             if self._num_seqs + 1 + len(seq.siblings) > self.max_num_seqs:
                 break
-            start_len = len(out.copies_before)
             end = self._admit(seq, budget, out)
             if end is None:
-                del out.copies_before[start_len:]
                 break
             self.waiting.popleft()
             budget -= end - seq.num_computed
@@ -238,12 +234,15 @@ class Scheduler:
 
     def _watermark(self, seq: Sequence) -> int:
         """Pages to leave free when admitting seq while others run: one per running sequence whose
-        next token starts a new page, plus one per fork of seq (its partial-page copy)."""
+        next token starts a new page, and one per pending fork (of seq and of running leaders:
+        each fork copies a partial page or starts a new one at its first token)."""
         if not self.running:
             return 0
         P = self.page_size
-        boundary = sum(1 for s in self.running if s.num_computed % P == 0)
-        return boundary + len(seq.siblings)
+        reserve = len(seq.siblings)
+        for s in self.running:
+            reserve += (s.num_computed % P == 0) + len(s.siblings)
+        return reserve
 
     def _admit(self, seq: Sequence, budget: int, out: Scheduled) -> int | None:
         """Match seq against the prefix cache, give it pages for its first chunk, mark it running.

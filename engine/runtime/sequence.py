@@ -53,8 +53,3 @@ class Sequence:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
-
-    @property
-    def num_pending(self) -> int:
-        """Tokens whose KV still has to be computed before the next token can be sampled."""
-        return len(self.tokens) - self.num_computed

@@ -61,10 +61,16 @@ class StopMatcher:
 
 
 def token_pieces(tokenizer) -> list[str | None]:
-    """The text of every token id in context (see the module docstring); None for irregular ids."""
+    """The text of every token id in context (see the module docstring); None for irregular ids.
+
+    A tokenizer that cleans up spaces across tokens (" 's" -> "'s", WordPiece style) has no
+    context-free pieces: every token is irregular there, and every row takes the exact path.
+    """
+    size = len(tokenizer)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return [None] * size
     anchor = _anchor(tokenizer)
     head = tokenizer.decode([anchor], skip_special_tokens=True)
-    size = len(tokenizer)
     texts = tokenizer.batch_decode([[anchor, t] for t in range(size)], skip_special_tokens=True)
     pieces: list[str | None] = []
     for text in texts:

@@ -6,7 +6,7 @@ once per step by engine/runtime/batch.py and already on the device): `store_kv` 
 step's new K/V into the pool, then
 
 - decode rows (one new token) go through `shared_prefix_decode_attention` when the step has
-  sibling groups (`batch.sibling_groups`) and the layer has no sliding window, else through
+  sibling groups (`batch.group_offsets`, `batch.prefix_lens`) and the layer has no sliding window, else through
   `decode_attention` (with the layer's window);
 - extend rows (a prefill chunk, several new tokens) go through `extend_attention`.
 """

@@ -1,6 +1,7 @@
 """The batched counter-based sampler: uniforms, greedy, distributions, fallback, batch independence."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -67,7 +68,7 @@ def _splitmix_reference(seed: int, position: int) -> float:
     x ^= x >> 27
     x = (x * 0x94D049BB133111EB) & mask
     x ^= x >> 31
-    return ((x >> 40) + 1) / 2 ** 24
+    return ((x >> 11) + 1) / 2 ** 53
 
 
 def _ks(u: np.ndarray) -> float:
@@ -85,13 +86,13 @@ def test_counter_uniforms_are_a_deterministic_hash_in_the_half_open_unit_interva
         u = counter_uniforms(seeds, positions)
         again = counter_uniforms(seeds.copy(), positions.copy())
         scalar = counter_uniforms(np.uint64(top), np.int64(3))
-    assert u.dtype == np.float32 and u.shape == (6,)
+    assert u.dtype == np.float64 and u.shape == (6,)
     np.testing.assert_array_equal(u, again)
     expected = [_splitmix_reference(int(s), int(p)) for s, p in zip(seeds, positions)]
-    np.testing.assert_array_equal(u, np.asarray(expected, dtype=np.float32))
-    assert scalar == np.float32(_splitmix_reference(top, 3))
+    np.testing.assert_array_equal(u, np.asarray(expected, dtype=np.float64))
+    assert scalar == _splitmix_reference(top, 3)
     assert np.all(u > 0) and np.all(u <= 1)
-    assert np.all((u.astype(np.float64) * 2 ** 24) % 1 == 0)  # multiples of 2**-24: exact in float32
+    assert np.all((u * 2 ** 53) % 1 == 0)  # multiples of 2**-53: exact in float64
 
 
 @pytest.mark.parametrize("stream", ["positions", "seeds", "seeds-near-2**64"])
@@ -105,7 +106,7 @@ def test_counter_uniforms_look_uniform_and_independent(stream):
     else:                          # seeds counting down from 2**64 - 1, varying positions
         u = counter_uniforms(np.uint64(2 ** 64 - 1) - i.astype(np.uint64), i % 17)
     assert u.min() > 0 and u.max() <= 1
-    assert len(np.unique(u)) > n - 600  # 24-bit values: ~300 birthday collisions expected
+    assert len(np.unique(u)) == n  # 53-bit values: a collision among 1e5 has probability ~1e-6
     assert _ks(u) < 2.0 / np.sqrt(n)    # Kolmogorov-Smirnov, well past the 1% critical value 1.63/sqrt(n)
     buckets = np.bincount(np.minimum((u * 100).astype(int), 99), minlength=100)
     chi2 = ((buckets - n / 100) ** 2 / (n / 100)).sum()
@@ -341,3 +342,12 @@ def test_non_finite_logits_of_a_sampled_row_raise():
     logits = torch.full((2, 10), -float("inf"))
     with pytest.raises(ValueError, match=r"rows \[0, 1\]"):
         sample(logits, batch([1.0, 1.0], [0.9, 1.0], [0, 0], np.full(2, 0.5, dtype=np.float32)))
+
+
+def test_skipping_the_full_vocabulary_cdf_when_every_row_has_a_cut_changes_no_token():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 300, generator=g) * 3
+    b = batch([0.7] * 64, [0.9] * 32 + [1.0] * 32, [0] * 32 + [20] * 32, stratified(64))
+    assert b.any_cut and not b.any_uncut  # every row cuts: the unsorted CDF is skipped
+    forced = dataclasses.replace(b, any_uncut=True)  # what a batch with an uncut neighbour computes
+    assert sample(logits, b, candidates=64) == sample(logits, forced, candidates=64)

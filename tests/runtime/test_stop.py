@@ -115,3 +115,13 @@ def test_a_stop_string_at_the_very_start_follows_the_decoded_text():
     generated = tok.encode(" 42 is 42", add_special_tokens=False)
     for stop in ((" 42",), ("42",)):
         assert _first_stop_incremental(matcher, [5], generated, stop) == _first_stop_exact(tok, generated, stop)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_takes_the_exact_path():
+    tok = char_tokenizer()
+    tok.clean_up_tokenization_spaces = True  # " ." -> "." across tokens: no context-free pieces
+    assert set(token_pieces(tok)) == {None}
+    generated = tok.encode("x = 1 . Then y !", add_special_tokens=False)
+    for stop in (("1.",), ("y!",), (" .",)):
+        assert _first_stop_incremental(StopMatcher(tok), [5], generated, stop) == \
+            _first_stop_exact(tok, generated, stop)
