@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from engine import Engine, SamplingParams, load_model
-from engine.model import ModelConfig, Transformer, create_tiny_checkpoint
+from engine import Engine, SamplingParams
+from bench.branching import build_model
+from engine.model import Transformer
 from engine.model.tiny import char_tokenizer
 
 STOP = ("\n\n\nProblem:",)  # VinePPO's stop string for GSM8K / MATH
@@ -58,20 +58,16 @@ def stub_body(model: Transformer) -> None:
 
 
 def build(args) -> tuple[Transformer, object]:
-    folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
-    if args.config is None:
-        create_tiny_checkpoint(folder, seed=0)
-    else:
-        cfg = ModelConfig.from_hf_dict(json.loads(Path(args.config).read_text()))
-        Transformer(cfg).init_weights(0).save_pretrained(folder)
+    """The model (random weights of --config, or the built-in tiny one) and the char tokenizer.
+
+    The char tokenizer serves the stop strings for any vocabulary (other ids decode to nothing).
+    """
     device = "cuda" if args.real_model else args.device  # --real-model stubs the body later, for the host share
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tok = load_model(folder, dtype=dtype, device=device)
-    if tok is None:  # a bare config: the char tokenizer serves the stop strings (other ids decode to nothing)
-        tok = char_tokenizer()
+    model, _ = build_model(args.config, device, dtype, seed=0)
     if not args.real_model:
         stub_body(model)
-    return model, tok
+    return model, char_tokenizer()
 
 
 def make_engine(model, tok, args) -> Engine:

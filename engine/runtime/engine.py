@@ -32,7 +32,7 @@ from engine.model.transformer import Transformer
 from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, RowTable, Staging, StepBatch, build_metadata
 from engine.runtime.paged_attention import AttentionStats, KVPool, TorchPagedAttention
 from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, cut_at_stop, mix_seed
-from engine.runtime.sampler import SamplingBatch, counter_uniforms, sample
+from engine.runtime.sampler import SamplingBatch, counter_uniforms, host_flags, sample
 from engine.runtime.scheduler import Scheduled, Scheduler
 from engine.runtime.sequence import Sequence, Status
 from engine.runtime.stop import StopMatcher
@@ -265,9 +265,8 @@ class Engine:
             arrays["uniform"] = counter_uniforms(rows.seed[table_rows], positions)
             if greedy.any():
                 arrays["greedy"] = greedy
-            cuts = (top_p < 1) | ((top_k > 0) & (top_k < self.config.vocab_size))
-            flags = dict(all_greedy=bool(greedy.all()), any_cut=bool((~greedy & cuts).any()),
-                         want_logprobs=bool(rows.logprobs[table_rows].any()), any_uncut=bool((~greedy & ~cuts).any()))
+            flags = host_flags(greedy, top_p, top_k, self.config.vocab_size)
+            flags["want_logprobs"] = bool(rows.logprobs[table_rows].any())
         dev = self.staging.send(arrays)
         sampling = None
         if flags is not None:

@@ -97,12 +97,21 @@ class SamplingBatch:
         dev = torch.from_numpy(packed).to(device)
         return cls(
             temperature=dev[0].float(), top_p=dev[1].float(), top_k=dev[2].long(), uniform=dev[3],
-            greedy=dev[4].bool() if greedy.any() else None,
-            all_greedy=bool(greedy.all()),
-            any_cut=bool((~greedy & ((top_p < 1) | (top_k > 0))).any()),
-            want_logprobs=want_logprobs,
-            any_uncut=bool((~greedy & (top_p >= 1) & (top_k <= 0)).any()),
+            greedy=dev[4].bool() if greedy.any() else None, want_logprobs=want_logprobs,
+            **host_flags(greedy, top_p, top_k),
         )
+
+
+def host_flags(greedy: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+               vocab_size: int | None = None) -> dict[str, bool]:
+    """SamplingBatch's host-known flags (all_greedy, any_cut, any_uncut) from the rows' host arrays.
+
+    A row cuts when top_p < 1 or 0 < top_k (< vocab_size, when it is given: a larger top_k cuts nothing).
+    """
+    k_cuts = top_k > 0 if vocab_size is None else (top_k > 0) & (top_k < vocab_size)
+    cuts = (top_p < 1) | k_cuts
+    return dict(all_greedy=bool(greedy.all()), any_cut=bool((~greedy & cuts).any()),
+                any_uncut=bool((~greedy & ~cuts).any()))
 
 
 def sample(

@@ -173,16 +173,13 @@ class Scheduler:
         self.stats.prefill_tokens += prefill
         self.stats.decode_tokens += end - start - prefill
         seq.num_computed = end  # the forward of this step computes [start, end)
-        if end == len(seq.tokens):
-            if end - start != 1:
-                out.decode_only = False
-            if seq.siblings:
-                out.cache_after.append(seq)  # the prompt becomes matchable (and re-matchable by requeued forks)
-                out.decode_only = False
-        else:
+        done = end == len(seq.tokens)
+        if end - start != 1 or not done or seq.siblings:
             out.decode_only = False
-            if start < seq.admitted_len:
-                out.cache_after.append(seq)  # a finished prefill chunk becomes matchable at once
+        if done and seq.siblings:
+            out.cache_after.append(seq)  # the prompt becomes matchable (and re-matchable by requeued forks)
+        elif not done and start < seq.admitted_len:
+            out.cache_after.append(seq)  # a finished prefill chunk becomes matchable at once
 
     def _plan_samples(self, out: Scheduled) -> None:
         """Who samples after the forward, from which hidden row; then fork the leaders whose prefill ends now."""
@@ -361,8 +358,7 @@ class Scheduler:
             out.samplers.append(sib)
             out.sample_rows.append(row)  # the leader's last token: the siblings draw their own first tokens
         self.allocator.retain(shared * len(forked))
-        if forked:
-            out.decode_only = False
+        if forked:  # (the step is not decode-only: the leader's prefill ends in it)
             at = self.running.index(leader) + 1
             self.running[at:at] = forked
         if requeue:
