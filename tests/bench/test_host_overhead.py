@@ -27,3 +27,10 @@ def test_sizes_below_one_are_errors(flag, capsys):
     with pytest.raises(SystemExit):
         host_overhead.main([flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
+def test_real_model_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--real-model"])
+    assert "--real-model needs a CUDA device" in capsys.readouterr().err

@@ -351,3 +351,15 @@ def test_skipping_the_full_vocabulary_cdf_when_every_row_has_a_cut_changes_no_to
     assert b.any_cut and not b.any_uncut  # every row cuts: the unsorted CDF is skipped
     forced = dataclasses.replace(b, any_uncut=True)  # what a batch with an uncut neighbour computes
     assert sample(logits, b, candidates=64) == sample(logits, forced, candidates=64)
+
+
+def test_host_flags_count_a_top_k_past_the_vocabulary_as_no_cut():
+    from engine.runtime.sampler import host_flags
+
+    greedy = np.array([False, False, True])
+    top_p, top_k = np.array([1.0, 1.0, 0.5]), np.array([0, 500, 3])
+    assert host_flags(greedy, top_p, top_k) == dict(all_greedy=False, any_cut=True, any_uncut=True)
+    # With the vocabulary known, top_k=500 over 300 tokens cuts nothing; the greedy row's cut does not count.
+    assert host_flags(greedy, top_p, top_k, vocab_size=300) == dict(all_greedy=False, any_cut=False, any_uncut=True)
+    assert host_flags(greedy[:2], np.array([0.9, 1.0]), np.array([0, 20]), 300)["any_uncut"] is False
+    assert host_flags(np.array([True]), np.array([1.0]), np.array([0]))["all_greedy"] is True
