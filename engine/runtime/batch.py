@@ -28,8 +28,10 @@ import torch
 if TYPE_CHECKING:
     from engine.runtime.sequence import Sequence
 
-# Sibling groups (triton backend): the smallest shared prefix, in tokens, worth reading once per group.
+# Shared prefixes (triton backend): the smallest shared range, in tokens, worth reading once for its rows.
 DEFAULT_SHARED_PREFIX_MIN_TOKENS = 16
+# Levels of nested sharing the cascade kernel reads once (deeper sharing is read per row).
+MAX_CASCADE_LEVELS = 16
 
 
 class RowTable:
@@ -110,8 +112,8 @@ class StepBatch:
     decode_token_index: torch.Tensor | None = None  # int64 [Bd] flat token of each decode row
     decode_tables: torch.Tensor | None = None       # int32 [Bd, M]
     decode_kv_lens: torch.Tensor | None = None      # int32 [Bd]
-    group_offsets: torch.Tensor | None = None       # int32 [G + 1], None: no sibling group this step
-    prefix_lens: torch.Tensor | None = None         # int32 [G]
+    cascade_segments: torch.Tensor | None = None    # int32 [S, 5], None: no shared prefix this step
+    suffix_starts: torch.Tensor | None = None       # int32 [Bd] where each row's own positions start
     # extend rows (None when the step has none)
     extend_token_index: torch.Tensor | None = None  # int64 [Ne] flat tokens of the extend rows, in order
     extend_tables: torch.Tensor | None = None       # int32 [Be, M]
@@ -120,8 +122,9 @@ class StepBatch:
     max_seqlen_q: int = 0
     max_decode_kv_len: int = 0
     max_extend_kv_len: int = 0
-    num_groups: int = 0       # sibling groups of >= 2 rows (their prefix is read once per group)
-    grouped_rows: int = 0     # decode rows inside those groups
+    cascade_levels: int = 0   # levels of nested sharing (kernels.shared_prefix_attention)
+    num_segments: int = 0     # shared ranges, each read once for its rows
+    grouped_rows: int = 0     # decode rows that share at least one range
 
     @property
     def num_decode(self) -> int:
@@ -196,32 +199,34 @@ def _set_decode(batch: StepBatch, token_index: np.ndarray, tables: np.ndarray, e
     batch.decode_kv_lens = ends.astype(np.int32)
     batch.max_decode_kv_len = int(ends.max())
     if min_tokens is not None:
-        groups = sibling_groups(batch.decode_tables, batch.decode_kv_lens, page_size, min_tokens)
-        if groups is not None:
-            batch.group_offsets, batch.prefix_lens = groups
-            sizes = np.diff(batch.group_offsets)
-            batch.num_groups = int((sizes >= 2).sum())
-            batch.grouped_rows = int(sizes[sizes >= 2].sum())
+        layout = cascade_layout(batch.decode_tables, batch.decode_kv_lens, page_size, min_tokens)
+        if layout is not None:
+            batch.cascade_segments, batch.suffix_starts, batch.cascade_levels = layout
+            batch.num_segments = len(batch.cascade_segments)
+            batch.grouped_rows = int((batch.suffix_starts > 0).sum())
 
 
-def sibling_groups(tables, kv_lens, page_size: int, min_prefix_tokens: int):
-    """Group consecutive decode rows that share leading pages.
+def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_levels: int = MAX_CASCADE_LEVELS):
+    """The shared-prefix tree of a decode batch, as cascade segments (kernels.shared_prefix_attention).
 
     tables [B, M] page ids (entries past a row's ceil(kv_len / page_size) pages are ignored),
     kv_lens [B] context lengths including the current token; numpy arrays or CPU tensors.
-    Returns (group_offsets int32 [G + 1], prefix_lens int32 [G]) of the same kind, or None
-    when no group has >= 2 rows.
+    Returns (segments int32 [S, 5], suffix_starts int32 [B], num_levels) of the same kind, or
+    None when no two adjacent rows share `min_prefix_tokens` (rounded up to whole pages).
 
-    Rule: row i starts a new group when it shares fewer than
-    `min_pages = ceil(min_prefix_tokens / page_size)` pages with row i-1, or fewer than row
-    i-1 shared with row i-2 (a drop in sharing marks the start of another fork's siblings,
-    which usually share a longer prefix among themselves). A group's prefix is the minimum
-    of its non-first rows' common pages, times page_size. Groups of one row get prefix 0.
+    Sharing is read from the page ids themselves: equal page ids hold equal K/V, whoever forked
+    them. With lcp_i the number of leading pages rows i-1 and i have in common, the maximal
+    row ranges whose adjacent lcps are all >= l (the lcp intervals) form a tree; an interval
+    with lcp l whose parent has lcp l' becomes a segment over positions [l' * P, l * P), at the
+    level of its depth. So an episode's prompt shared by all its MC states is one segment, each
+    state's further prefix shared by its K rollouts a deeper one, and every distinct shared page
+    is read once (within the adjacency order the scheduler keeps: forks follow their leader).
+    Adjacent lcps below `min_prefix_tokens` count as 0; trees deeper than `max_levels` keep
+    their first `max_levels` levels (deeper rows read the rest in their own suffix).
 
-    Invariant: the page that receives a row's current token is never a shared page (each
-    sibling writes its own token: the scheduler shares only full pages of computed tokens
-    and copies a partial page). So a group's prefix ends before every member's current
-    position; this is checked and a broken step raises.
+    Invariant (checked; a broken step raises): the page that receives a row's current token
+    is never shared, since the scheduler shares only full pages of computed tokens and copies a
+    partial page. So every row's suffix holds at least its current position.
     """
     as_torch = isinstance(tables, torch.Tensor)
     if as_torch:
@@ -234,34 +239,77 @@ def sibling_groups(tables, kv_lens, page_size: int, min_prefix_tokens: int):
     j = np.arange(tables.shape[1])
     both = np.minimum(used[1:], used[:-1])
     same = (tables[1:] == tables[:-1]) & (j[None, :] < both[:, None])
-    common = np.concatenate([[0], np.cumprod(same, axis=1).sum(axis=1)]).astype(np.int64)
-    min_pages = max(1, -(-min_prefix_tokens // page_size))
-    prev = np.concatenate([[0], common[:-1]])
-    starts = (common < min_pages) | (common < prev)  # row 0 always starts: common[0] = 0
-    group = np.cumsum(starts) - 1
-    g = int(group[-1]) + 1
-    sizes = np.bincount(group, minlength=g)
-    if int(sizes.max()) < 2:
+    lcp = np.cumprod(same, axis=1).sum(axis=1)  # [B - 1]: pages rows i and i + 1 share
+    lcp[lcp < max(1, -(-min_prefix_tokens // page_size))] = 0
+    if not lcp.any():
         return None
-    # A group's first row does not count: its `common` is with the previous group.
-    big = np.iinfo(np.int64).max
-    joined = np.where(starts, big, common)
-    prefix_pages = np.full(g, big, dtype=np.int64)
-    np.minimum.at(prefix_pages, group, joined)
-    prefix_lens = np.where(sizes >= 2, prefix_pages * page_size, 0)
-    broken = prefix_lens[group] >= kv_lens
+    # lcp intervals by one stack pass over the rows (Abouelhoda et al.'s bottom-up traversal):
+    # `open_` holds (lcp, first row) of the intervals still open, lcps strictly increasing.
+    intervals = []  # (first, end, lcp, parent lcp), children before their parents
+    open_ = [(0, 0)]
+    for i in np.flatnonzero(np.diff(lcp, prepend=0, append=0)).tolist():  # rows where the lcp changes
+        l = int(lcp[i]) if i < b - 1 else 0
+        first = i
+        while l < open_[-1][0]:
+            top_lcp, first = open_.pop()
+            intervals.append((first, i + 1, top_lcp, max(l, open_[-1][0])))
+        if l > open_[-1][0]:
+            open_.append((l, first))
+    # Depths top-down: parents come after their children, so walk the list backwards.
+    suffix = np.zeros(b, dtype=np.int64)
+    depth_at = np.full(b, -1, dtype=np.int64)  # depth of the deepest segment placed on each row so far
+    segments = []
+    for first, end, l, parent_l in reversed(intervals):
+        level = int(depth_at[first]) + 1  # its parent, if any, was placed already and covers `first`
+        if level >= max_levels:
+            continue
+        depth_at[first:end] = level
+        suffix[first:end] = l * page_size
+        segments.append((first, end, parent_l * page_size, l * page_size, level))
+    broken = suffix >= kv_lens
     if broken.any():
         row = int(np.flatnonzero(broken)[0])
         raise RuntimeError(
             f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
-            f"(shared prefix {int(prefix_lens[group[row]])} tokens): each sibling must write its own page"
+            f"(shared prefix {int(suffix[row])} tokens): each sibling must write its own page"
         )
-    offsets = np.zeros(g + 1, dtype=np.int32)
-    offsets[1:] = np.cumsum(sizes)
-    prefix_lens = prefix_lens.astype(np.int32)
+    seg = np.array(segments, dtype=np.int32).reshape(-1, 5)
+    num_levels = int(seg[:, 4].max()) + 1
+    suffix = suffix.astype(np.int32)
     if as_torch:
-        return torch.from_numpy(offsets), torch.from_numpy(prefix_lens)
-    return offsets, prefix_lens
+        return torch.from_numpy(seg), torch.from_numpy(suffix), num_levels
+    return seg, suffix, num_levels
+
+
+def kv_tokens_read(batch: StepBatch) -> int:
+    """KV positions the decode rows of `batch` read per kv head and layer: shared segments once, suffixes per row."""
+    if batch.num_decode == 0:
+        return 0
+    lens = np.asarray(batch.decode_kv_lens, dtype=np.int64)
+    if batch.cascade_segments is None:
+        return int(lens.sum())
+    seg = np.asarray(batch.cascade_segments, dtype=np.int64)
+    own = lens - np.asarray(batch.suffix_starts, dtype=np.int64)
+    return int((seg[:, 3] - seg[:, 2]).sum() + own.sum())
+
+
+def kv_tokens_ideal(batch: StepBatch, page_size: int) -> int:
+    """The least KV positions the decode rows of `batch` could read: every distinct page once.
+
+    A page counts the positions of it that some row reads (a partial last page counts its filled part).
+    """
+    if batch.num_decode == 0:
+        return 0
+    lens = np.asarray(batch.decode_kv_lens, dtype=np.int64)
+    tables = np.asarray(batch.decode_tables)
+    j = np.arange(tables.shape[1])
+    used = j[None, :] * page_size < lens[:, None]
+    pages = tables[used].astype(np.int64)
+    filled = np.minimum(lens[:, None] - j[None, :] * page_size, page_size)[used]
+    order = np.lexsort((-filled, pages))  # by page, the fullest use first
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = pages[order][1:] != pages[order][:-1]
+    return int(filled[order][first].sum())
 
 
 class Staging:

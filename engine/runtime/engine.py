@@ -56,7 +56,7 @@ class Engine:
     cuda_graphs: replay CUDA graphs for decode-only steps; None = on for CUDA + triton, off
     elsewhere; ENGINE_CUDA_GRAPHS=0 / 1 overrides. Needs the triton backend. On a CPU, True
     runs the same static-buffer, padded path eagerly (what the CPU tests check). Graphs
-    reserve one page of the pool as scratch space for padding rows.
+    reserve a page or two of the pool as scratch space for padding rows.
     shared_prefix_min_tokens: decode rows next to each other in the batch that share at
     least this many leading KV tokens (whole pages) form a sibling group whose prefix the
     triton backend reads once per group; None turns sibling groups off.
@@ -105,7 +105,11 @@ class Engine:
         # Sibling groups serve only the triton backend's layers without a window.
         groups_useful = self.attention_backend == "triton" and any(w is None for w in self._kernel_windows)
         self._group_min_tokens = shared_prefix_min_tokens if groups_useful else None
-        reserved = 1 if self.cuda_graphs else 0  # the graphs' scratch page
+        reserved = 0
+        if self.cuda_graphs:  # the graphs' scratch pages: one slot for every padding row a step can add
+            from engine.runtime.cuda_graphs import scratch_pages_needed
+
+            reserved = scratch_pages_needed(max_num_seqs, page_size)
         bytes_per_token = KVPool.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         if kv_cache_tokens is None:
             if self.device.type == "cuda":
@@ -117,13 +121,13 @@ class Engine:
         if num_pages < 2 + reserved:
             raise ValueError(
                 f"KV pool of {kv_cache_tokens} tokens holds {num_pages} page(s) of {page_size}; at least "
-                f"{2 + reserved} are needed" + (" (one is the CUDA graphs' scratch page)" if reserved else "")
+                f"{2 + reserved} are needed" + (f" ({reserved} for the CUDA graphs' padding rows)" if reserved else "")
             )
         self.pool = KVPool(cfg.num_hidden_layers, num_pages * page_size, cfg.num_key_value_heads, cfg.head_dim,
                            self.dtype, self.device)
         self.allocator = PageAllocator(num_pages, page_size)
-        # The scratch page: allocated now and never released, so no sequence or tree node owns it.
-        self.scratch_page = self.allocator.allocate(1)[0] if reserved else None
+        # The scratch pages: allocated now and never released, so no sequence or tree node owns them.
+        self.scratch_pages = self.allocator.allocate(reserved) if reserved else []
         self._reserved_pages = reserved
         self.tree = RadixTree(self.allocator)
         self.stats = EngineStats()
@@ -143,13 +147,13 @@ class Engine:
             from engine.runtime.cuda_graphs import DecodeGraphRunner
 
             self._graphs = DecodeGraphRunner(model, self.pool, page_size=page_size, windows=self._kernel_windows,
-                                             scale=self._scale, max_batch=max_num_seqs, scratch_page=self.scratch_page,
+                                             scale=self._scale, max_batch=max_num_seqs, scratch_pages=self.scratch_pages,
                                              capture=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ public API
     @property
     def kv_cache_tokens(self) -> int:
-        """Tokens the pool can give to sequences (the graphs' scratch page excluded)."""
+        """Tokens the pool can give to sequences (the graphs' scratch pages excluded)."""
         return self.usable_pages * self.page_size
 
     @property
@@ -280,6 +284,7 @@ class Engine:
             self.pool.copy_slots(dev["copy_before_src"], dev["copy_before_dst"])
         meta = StepBatch(**{k: dev.get(k, v) for k, v in vars(host).items()})
         ids = dev["input_ids"]
+        self.attention_stats.record(host, self.page_size)
         if self.attention_backend == "triton":
             hidden = self._triton_forward(host, meta, ids)
         else:
@@ -297,12 +302,9 @@ class Engine:
         st = self.attention_stats
         if self._graphs is not None and self._graphs.fits(host):
             st.graph_steps += 1
+            st.graph_shared_steps += host.cascade_segments is not None
             st.graph_padded_rows += self._graphs.padded_size(host.num_decode) - host.num_decode
             return self._graphs.run(ids, meta)
-        if host.group_offsets is not None:
-            st.shared_prefix_steps += 1
-            st.shared_prefix_groups += host.num_groups
-            st.shared_prefix_rows += host.grouped_rows
         ctx = TritonPagedAttention(self.pool, meta, self._kernel_windows, self.page_size, self._scale)
         return self.model.model(ids[None], meta.positions[None], ctx)[0]
 

@@ -17,26 +17,56 @@ from typing import Sequence as Seq
 import torch
 import torch.nn.functional as F
 
-from engine.runtime.batch import StepBatch
+from engine.runtime.batch import StepBatch, kv_tokens_ideal, kv_tokens_read
 
 
 
 @dataclass
 class AttentionStats:
-    """What the attention backend did, counted per forward step (since the Engine was built or `reset`)."""
+    """What the attention backend did, counted per forward step (since the Engine was built or `reset`).
 
-    shared_prefix_steps: int = 0   # steps whose decode rows ran through the shared-prefix kernel
-    shared_prefix_groups: int = 0  # sibling groups (>= 2 rows sharing a prefix) in those steps
-    shared_prefix_rows: int = 0    # decode rows inside those groups
+    KV reads are counted in positions per kv head and layer of full-attention layers (layers
+    with a sliding window read their window per row). `kv_tokens_ideal` is what a step would
+    read if every distinct page were read once (its filled part): the bound that sharing can reach.
+    """
+
+    decode_steps: int = 0          # steps with decode rows
+    decode_only_steps: int = 0     # steps with decode rows only (the ones a CUDA graph can serve)
+    kv_tokens_read: int = 0        # positions the decode rows read (shared ranges once, the rest per row)
+    kv_tokens_ideal: int = 0       # every distinct page once
+    kv_tokens_flat: int = 0        # every row its whole context (no sharing)
+    shared_prefix_steps: int = 0   # steps whose decode rows read shared prefixes once (the cascade kernel)
+    shared_prefix_segments: int = 0  # shared ranges in those steps (each read once for its rows)
+    shared_prefix_rows: int = 0    # decode rows that share at least one range, in those steps
     graph_steps: int = 0           # decode steps run by the static-buffer runner (CUDA graph replay or its eager twin)
+    graph_shared_steps: int = 0    # graph steps with shared prefixes (the cascade variant)
     graph_padded_rows: int = 0     # padding rows those steps added to reach a captured batch size
+
+    def record(self, batch: StepBatch, page_size: int) -> None:
+        """Count one step's decode rows (host metadata; the cascade counts when the batch has one)."""
+        if batch.num_decode == 0:
+            return
+        self.decode_steps += 1
+        self.decode_only_steps += batch.num_extend_tokens == 0
+        self.kv_tokens_read += kv_tokens_read(batch)
+        self.kv_tokens_ideal += kv_tokens_ideal(batch, page_size)
+        self.kv_tokens_flat += int(batch.decode_kv_lens.sum())
+        if batch.cascade_segments is not None:
+            self.shared_prefix_steps += 1
+            self.shared_prefix_segments += batch.num_segments
+            self.shared_prefix_rows += batch.grouped_rows
+
+    @property
+    def read_over_ideal(self) -> float:
+        """KV positions read / the ideal (1.0 is the bound; nan before any decode step)."""
+        return self.kv_tokens_read / self.kv_tokens_ideal if self.kv_tokens_ideal else float("nan")
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:
             setattr(self, f, 0)
 
-    def as_dict(self) -> dict[str, int]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+    def as_dict(self) -> dict[str, float]:
+        return {**{f: getattr(self, f) for f in self.__dataclass_fields__}, "read_over_ideal": self.read_over_ideal}
 
 
 class KVPool:

@@ -5,9 +5,10 @@ k, v)`, as `TorchPagedAttention`). It reads the step's common metadata (`StepBat
 once per step by engine/runtime/batch.py and already on the device): `store_kv` writes the
 step's new K/V into the pool, then
 
-- decode rows (one new token) go through `shared_prefix_decode_attention` when the step has
-  sibling groups (`batch.group_offsets`, `batch.prefix_lens`) and the layer has no sliding window, else through
-  `decode_attention` (with the layer's window);
+- decode rows (one new token) go through `cascade_decode_attention` when the step has shared
+  prefixes (`batch.cascade_segments`, `batch.suffix_starts`: each shared range is read once for
+  all its rows) and the layer has no sliding window, else through `decode_attention` (with the
+  layer's window);
 - extend rows (a prefill chunk, several new tokens) go through `extend_attention`.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from engine.runtime.batch import StepBatch
 from engine.runtime.paged_attention import KVPool
 from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
-from kernels.shared_prefix_attention import shared_prefix_decode_attention
+from kernels.shared_prefix_attention import cascade_decode_attention
 from kernels.store_kv import store_kv
 
 
@@ -52,9 +53,9 @@ class TritonPagedAttention:
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, window: int | None) -> torch.Tensor:
         b = self.batch
-        if b.group_offsets is not None and window is None:
-            return shared_prefix_decode_attention(q, kc, vc, b.decode_tables, b.decode_kv_lens, self.page_size,
-                                                  self.scale, b.group_offsets, b.prefix_lens)
+        if b.cascade_segments is not None and window is None:
+            return cascade_decode_attention(q, kc, vc, b.decode_tables, b.decode_kv_lens, self.page_size, self.scale,
+                                            b.cascade_segments, b.suffix_starts, b.cascade_levels)
         return decode_attention(q, kc, vc, b.decode_tables, b.decode_kv_lens, self.page_size, self.scale,
                                 window=window)
 
@@ -67,19 +68,30 @@ class TritonPagedAttention:
 class StaticDecodeAttention:
     """Decode-only attention context over fixed buffers, for CUDA-graph capture and replay.
 
-    Every tensor it reads (slot_mapping [B], page_tables [B, M], kv_lens [B]) is a static
-    buffer that the caller refills before each replay; kernel grids and `num_splits` depend
-    only on B, M and the model, never on the values, so a captured graph stays valid.
+    Every tensor it reads (slot_mapping [B], page_tables [B, M], kv_lens [B], and with `shared`
+    the cascade's segments [B, 5] and suffix_starts [B]) is a static buffer that the caller
+    refills before each replay; kernel grids and split counts depend only on B, M, the level
+    count and the model, never on the values, so a captured graph stays valid. Layers with a
+    sliding window always take the plain decode kernel.
     """
 
     def __init__(self, pool: KVPool, slot_mapping: torch.Tensor, page_tables: torch.Tensor, kv_lens: torch.Tensor,
-                 windows: Seq[int | None], page_size: int, scale: float, num_splits: int):
+                 windows: Seq[int | None], page_size: int, scale: float, num_splits: int,
+                 shared: tuple[torch.Tensor, torch.Tensor, int] | None = None):
         self.pool, self.slot_mapping, self.page_tables, self.kv_lens = pool, slot_mapping, page_tables, kv_lens
         self.windows, self.page_size, self.scale, self.num_splits = windows, page_size, scale, num_splits
+        self.shared = shared
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.pool.kv[layer, 0], self.pool.kv[layer, 1]
         store_kv(k[0], v[0], kc, vc, self.slot_mapping)
-        out = decode_attention(q[0], kc, vc, self.page_tables, self.kv_lens, self.page_size, self.scale,
-                               window=self.windows[layer], num_splits=self.num_splits)
+        window = self.windows[layer]
+        if self.shared is not None and window is None:
+            segments, suffix_starts, levels = self.shared
+            out = cascade_decode_attention(q[0], kc, vc, self.page_tables, self.kv_lens, self.page_size, self.scale,
+                                           segments, suffix_starts, levels, prefix_splits=1,
+                                           suffix_splits=self.num_splits)
+        else:
+            out = decode_attention(q[0], kc, vc, self.page_tables, self.kv_lens, self.page_size, self.scale,
+                                   window=window, num_splits=self.num_splits)
         return out[None]

@@ -1,4 +1,4 @@
-"""The Triton attention backend: step metadata, sibling groups, and the Engine against the torch backend.
+"""The Triton attention backend: step metadata, the shared-prefix tree, and the Engine against the torch backend.
 
 On a CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 about 30 ms per program instance, so the model and the workloads are tiny.
@@ -13,7 +13,7 @@ import torch
 from engine import Engine, SamplingParams
 from engine.model import Transformer, tiny_config
 from engine.runtime import engine as engine_module
-from engine.runtime.batch import StepBatch, sibling_groups
+from engine.runtime.batch import StepBatch, cascade_layout, kv_tokens_ideal, kv_tokens_read
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -28,51 +28,73 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-# ---------------------------------------------------------------------------- sibling groups
+# ---------------------------------------------------------------------------- the shared-prefix tree
 
 
 def _t(rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
-def test_siblings_sharing_full_pages_form_one_group():
+def _layout(tables, kv_lens, min_tokens=1, page_size=4, **kw):
+    got = cascade_layout(_t(tables), _t(kv_lens), page_size=page_size, min_prefix_tokens=min_tokens, **kw)
+    if got is None:
+        return None
+    segments, suffix, levels = got
+    assert segments.dtype == suffix.dtype == torch.int32
+    return sorted(map(tuple, segments.tolist())), suffix.tolist(), levels
+
+
+def test_siblings_sharing_full_pages_form_one_segment():
     # Three forks of a 9-token prefix (page_size 4): pages 5, 6 shared, the rest their own.
-    tables = _t([[5, 6, 7, 8], [5, 6, 9, 10], [5, 6, 11, 12]])
-    offsets, prefix = sibling_groups(tables, _t([13, 14, 13]), page_size=4, min_prefix_tokens=4)
-    assert offsets.tolist() == [0, 3] and prefix.tolist() == [8]
-    assert offsets.dtype == prefix.dtype == torch.int32
+    got = _layout([[5, 6, 7, 8], [5, 6, 9, 10], [5, 6, 11, 12]], [13, 14, 13], min_tokens=4)
+    assert got == ([(0, 3, 0, 8, 0)], [8, 8, 8], 1)
 
 
-def test_a_drop_in_sharing_starts_a_new_group_and_loners_get_no_prefix():
-    # row 0: a loner; rows 1-2 share 3 pages; row 3 shares only 2 with row 2 (another fork of
-    # the same prompt), row 4 shares 3 with row 3; row 5 shares nothing.
-    tables = _t([[9, 1, 1, 1], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [1, 2, 6, 8], [20, 21, 22, 23]])
-    offsets, prefix = sibling_groups(tables, _t([16] * 6), page_size=4, min_prefix_tokens=1)
-    assert offsets.tolist() == [0, 1, 3, 5, 6]
-    assert prefix.tolist() == [0, 12, 12, 0]
+def test_nested_sharing_becomes_levels_and_loners_read_alone():
+    # row 0: a loner; rows 1-4 share pages 1, 2 (an episode's prompt); rows 1-2 also share page 3
+    # and rows 3-4 page 6 (two states, each forked twice); row 5 shares nothing.
+    tables = [[9, 1, 1, 1], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [1, 2, 6, 8], [20, 21, 22, 23]]
+    segments, suffix, levels = _layout(tables, [16] * 6)
+    assert segments == [(1, 3, 8, 12, 1), (1, 5, 0, 8, 0), (3, 5, 8, 12, 1)]
+    assert suffix == [0, 12, 12, 12, 12, 0] and levels == 2
 
 
-def test_groups_need_the_minimum_prefix_and_two_rows():
-    tables = _t([[1, 2, 3], [1, 7, 8], [4, 5, 6]])
-    kv = _t([10, 10, 10])
-    assert sibling_groups(tables, kv, page_size=4, min_prefix_tokens=5) is None  # 1 page < 2 pages
-    offsets, prefix = sibling_groups(tables, kv, page_size=4, min_prefix_tokens=4)
-    assert offsets.tolist() == [0, 2, 3] and prefix.tolist() == [4, 0]
-    assert sibling_groups(tables[:1], kv[:1], page_size=4, min_prefix_tokens=1) is None
+def test_a_chain_of_states_reads_each_page_once():
+    # Three states of one episode, each extending the previous by a page, two rollouts each.
+    tables = [[1, 2, 10], [1, 2, 11], [1, 2, 3, 12], [1, 2, 3, 13], [1, 2, 3, 4, 14], [1, 2, 3, 4, 15]]
+    tables = [row + [0] * (5 - len(row)) for row in tables]
+    segments, suffix, levels = _layout(tables, [9, 9, 13, 13, 17, 17])
+    assert segments == [(0, 6, 0, 8, 0), (2, 6, 8, 12, 1), (4, 6, 12, 16, 2)]
+    assert suffix == [8, 8, 12, 12, 16, 16] and levels == 3
+    b = StepBatch.from_entries([(row, n - 1, n) for row, n in zip(tables, [9, 9, 13, 13, 17, 17])], 4,
+                               shared_prefix_min_tokens=1)
+    assert kv_tokens_read(b) == kv_tokens_ideal(b, 4) == 16 + 6  # 4 shared pages, one own position per row
+    # Capped at two levels, the deepest rows read the third shared page themselves.
+    segments, suffix, levels = _layout(tables, [9, 9, 13, 13, 17, 17], max_levels=2)
+    assert segments == [(0, 6, 0, 8, 0), (2, 6, 8, 12, 1)] and suffix == [8, 8, 12, 12, 12, 12] and levels == 2
+
+
+def test_sharing_needs_the_minimum_prefix_and_two_rows():
+    tables = [[1, 2, 3], [1, 7, 8], [4, 5, 6]]
+    assert _layout(tables, [10, 10, 10], min_tokens=5) is None  # 1 page < 2 pages
+    assert _layout(tables, [10, 10, 10], min_tokens=4) == ([(0, 2, 0, 4, 0)], [4, 4, 0], 1)
+    assert _layout(tables[:1], [10], min_tokens=1) is None
+    # A shallow level under the minimum does not hide a deep one: rows 0-1 share 3 pages, row 2 one.
+    deep = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 9, 9, 9]]
+    assert _layout(deep, [16] * 3, min_tokens=8) == ([(0, 2, 0, 12, 0)], [12, 12, 0], 1)
 
 
 def test_only_leading_equal_pages_are_shared():
     # Rows 0-1 have equal padding but different pages; rows 2-3 differ at page 1, so their equal
     # page 2 is not a shared prefix.
-    tables = _t([[3, 0, 0], [4, 0, 0], [7, 8, 5], [7, 9, 5]])
-    offsets, prefix = sibling_groups(tables, _t([2, 2, 9, 9]), page_size=4, min_prefix_tokens=1)
-    assert offsets.tolist() == [0, 1, 2, 4] and prefix.tolist() == [0, 0, 4]
+    tables = [[3, 0, 0], [4, 0, 0], [7, 8, 5], [7, 9, 5]]
+    assert _layout(tables, [2, 2, 9, 9]) == ([(2, 4, 0, 4, 0)], [0, 0, 4, 4], 1)
 
 
 def test_a_shared_page_holding_the_current_token_is_refused():
     # Both rows would write position 2 into slot 3 * 4 + 2: the scheduler must never do this.
     with pytest.raises(RuntimeError, match="shares its current token's page"):
-        sibling_groups(_t([[3], [3]]), _t([3, 3]), page_size=4, min_prefix_tokens=1)
+        cascade_layout(_t([[3], [3]]), _t([3, 3]), page_size=4, min_prefix_tokens=1)
 
 
 def test_step_metadata_of_mixed_decode_and_extend_rows():
@@ -85,14 +107,14 @@ def test_step_metadata_of_mixed_decode_and_extend_rows():
     assert b.decode_token_index.tolist() == [0, 10, 14]
     assert b.decode_kv_lens.tolist() == [7, 7, 6] and b.max_decode_kv_len == 7
     assert b.decode_tables.tolist() == [[4, 5, 0], [4, 6, 0], [4, 7, 0]]
-    assert b.group_offsets.tolist() == [0, 3] and b.prefix_lens.tolist() == [4]
-    assert b.num_groups == 1 and b.grouped_rows == 3
+    assert b.cascade_segments.tolist() == [[0, 3, 0, 4, 0]] and b.suffix_starts.tolist() == [4, 4, 4]
+    assert b.cascade_levels == 1 and b.num_segments == 1 and b.grouped_rows == 3
     assert b.extend_token_index.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13]
     assert b.cu_seqlens_q.tolist() == [0, 9, 12] and b.max_seqlen_q == 9
     assert b.extend_kv_lens.tolist() == [9, 6] and b.extend_tables.tolist() == [[1, 2, 3], [8, 9, 0]]
     assert all(t.dtype == torch.int32 for t in (b.decode_tables, b.decode_kv_lens, b.extend_tables,
-                                                  b.extend_kv_lens, b.cu_seqlens_q, b.group_offsets, b.prefix_lens))
-    assert StepBatch.from_entries(entries, 4, shared_prefix_min_tokens=None).group_offsets is None
+                                                  b.extend_kv_lens, b.cu_seqlens_q, b.cascade_segments, b.suffix_starts))
+    assert StepBatch.from_entries(entries, 4, shared_prefix_min_tokens=None).cascade_segments is None
     only_extend = StepBatch.from_entries([([1, 2, 3], 0, 9)], 4)
     assert only_extend.num_decode == 0 and only_extend.decode_tables is None
 
@@ -155,7 +177,7 @@ def test_triton_backend_gives_the_torch_backends_tokens(page_size, windows, monk
 
     def recording_build(*args, **kwargs):
         batch = build(*args, **kwargs)
-        steps.append((batch.num_decode, batch.num_extend_tokens, batch.num_groups))
+        steps.append((batch.num_decode, batch.num_extend_tokens, batch.num_segments))
         return batch
 
     monkeypatch.setattr(engine_module, "build_metadata", recording_build)
@@ -169,7 +191,8 @@ def test_triton_backend_gives_the_torch_backends_tokens(page_size, windows, monk
     assert any(d and e for d, e, _ in steps)                      # decode rows next to a prefill chunk
     assert max(e for _, e, _ in steps) == 8                       # chunked prefill (budget 8)
     assert engine.attention_stats.shared_prefix_steps == sum(1 for *_, g in steps if g) > 0
-    assert engine.attention_stats.shared_prefix_groups >= engine.attention_stats.shared_prefix_steps
+    assert engine.attention_stats.shared_prefix_segments >= engine.attention_stats.shared_prefix_steps
+    assert engine.attention_stats.kv_tokens_ideal <= engine.attention_stats.kv_tokens_read < engine.attention_stats.kv_tokens_flat
     assert len(steps) == engine.stats.forward_steps
     # The siblings really diverged, so the per-row suffixes mattered.
     assert len({tuple(c.token_ids) for c in got[:3]}) > 1
