@@ -3,8 +3,9 @@
     python -m bench.attention                  # GPU: the full sweeps below, bf16, Hq=32 Hkv=8 D=128, page 16
     python -m bench.attention --quick          # tiny shapes; on CPU the kernels run in the Triton interpreter
     python -m bench.attention --no-flex --only shared --shared-batch 64 256
+    python -m bench.attention --no-flex --only tree
 
-Two sweeps, each method on the same inputs in the same process:
+Three sweeps, each method on the same inputs in the same process:
 - decode: B in {64, 256, 512} sequences, every one with context L in {512, 1024, 2048, 4096}:
   kernels.decode_attention (Triton split-K) vs decode_attention_reference (torch), SDPA and
   FlexAttention (torch.compile'd flex_attention).
@@ -13,6 +14,11 @@ Two sweeps, each method on the same inputs in the same process:
   the engine forks (siblings share the prefix's full pages, own a copy of a partial last page
   and their own pages after it): kernels.shared_prefix_decode_attention vs plain
   decode_attention (the speedup) vs the torch reference, SDPA and FlexAttention.
+- tree: VinePPO's MC batch: E episodes x S nested states (state s = the prompt + s steps of the
+  response) x K rollouts, each with its own suffix: kernels.cascade_decode_attention on the
+  engine's layout (engine.runtime.batch.cascade_layout: every shared page once) vs the same
+  kernel capped at one level (only the prompt shared: what a one-level grouping reads) vs plain
+  decode_attention. `read/ideal` is the KV each method reads over every distinct page once.
 
 SDPA and FlexAttention get the K/V gathered into dense [B, Hkv, L, D] tensors outside the timed
 region (a ragged batch adds a length mask), so their time is a lower bound for a paged design.
@@ -46,8 +52,9 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 DECODE_TARGET = dict(batch=256, context=2048, hbm_fraction=0.8)
 SHARED_TARGET = dict(siblings=16, prefix=800, speedup=2.0)
 FULL = dict(batch=[64, 256, 512], context=[512, 1024, 2048, 4096], shared_batch=[256], siblings=[1, 4, 9, 16],
-            prefix=[300, 800, 1300], max_suffix=200)
-QUICK = dict(batch=[4], context=[40], shared_batch=[8], siblings=[1, 4], prefix=[21], max_suffix=12)
+            prefix=[300, 800, 1300], max_suffix=200, episodes=[4, 11], states=5, k=9, prompt=304, step=64)
+QUICK = dict(batch=[4], context=[40], shared_batch=[8], siblings=[1, 4], prefix=[21], max_suffix=12,
+             episodes=[1], states=3, k=2, prompt=32, step=16)
 QUICK_MODEL = dict(hq=4, hkv=2, head_dim=32, page_size=16)
 
 
@@ -109,6 +116,51 @@ def dense_kv(a: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return k, v, mask
 
 
+def build_tree_batch(episodes: int, states: int, k: int, prompt: int, step: int, suffix: torch.Tensor, hq: int,
+                     hkv: int, d: int, page_size: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """E episodes x S nested states x K rollouts, laid out as the engine's prefix cache shares them.
+
+    Row (e, s, r) reads the episode's prompt pages, then the pages of the response's first s
+    steps (shared by every state of the episode that extends past them), then its own pages for
+    suffix[row] positions. prompt and step are whole pages. Adds the cascade layout of the tree
+    (full depth and capped at one level) and the KV positions each reads.
+    """
+    from engine.runtime.batch import StepBatch, cascade_layout, kv_tokens_ideal, kv_tokens_read
+
+    if prompt % page_size or step % page_size:
+        raise ValueError(f"prompt ({prompt}) and step ({step}) must be whole pages of {page_size}")
+    tables, lens, next_page = [], [], 0
+    for _ in range(episodes):
+        chain = list(range(next_page, next_page + (prompt + (states - 1) * step) // page_size))
+        next_page += len(chain)
+        for s in range(states):
+            shared = chain[:(prompt + s * step) // page_size]
+            for _ in range(k):
+                n = int(suffix[len(tables)])
+                own = list(range(next_page, next_page + -(-n // page_size)))
+                next_page += len(own)
+                tables.append(shared + own)
+                lens.append(prompt + s * step + n)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    kv_lens = torch.tensor(lens, dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(2, next_page * page_size, hkv, d, generator=g).to(dtype)
+    a = dict(q=torch.randn(len(tables), hq, d, generator=g).to(dtype).to(device), k_cache=kv[0].to(device),
+             v_cache=kv[1].to(device), page_table=table.to(device), kv_lens=kv_lens.to(device),
+             page_size=page_size, scale=d ** -0.5)
+    meta = StepBatch(slot_mapping=None, positions=None, num_tokens=0, decode_tables=table.numpy(),
+                     decode_kv_lens=kv_lens.numpy())
+    a["ideal_tokens"] = kv_tokens_ideal(meta, page_size)
+    a["read_tokens"] = {"plain": int(kv_lens.sum())}
+    for name, levels in (("cascade", 16), ("one-level", 1)):
+        segments, starts, num_levels = cascade_layout(table, kv_lens, page_size, 16, max_levels=levels)
+        a[name] = (segments.to(device), starts.to(device), num_levels)
+        meta.cascade_segments, meta.suffix_starts = segments.numpy(), starts.numpy()
+        a["read_tokens"][name] = kv_tokens_read(meta)
+    return a
+
+
 # ------------------------------------------------------------------ methods
 
 
@@ -145,8 +197,15 @@ def methods(a: dict, sweep: str, use_flex: bool) -> dict[str, tuple[Callable | N
     )
 
     args = paged_args(a)
-    group = (a["group_offsets"], a["prefix_lens"])
     table: dict[str, tuple[Callable | None, str]] = {}
+    if sweep == "tree":
+        from kernels.shared_prefix_attention import cascade_decode_attention
+
+        for name in ("cascade", "one-level"):
+            table[name] = (lambda layout=a[name]: cascade_decode_attention(*args, *layout)), ""
+        table["plain"] = (lambda: decode_attention(*args)), ""
+        return table  # SDPA and FlexAttention: see the shared sweep
+    group = (a["group_offsets"], a["prefix_lens"])
     if sweep == "shared":
         table["shared"] = (lambda: shared_prefix_decode_attention(*args, *group)), ""
         table["plain"] = (lambda: decode_attention(*args)), ""
@@ -207,6 +266,8 @@ def needed_bytes(a: dict, sweep: str) -> int:
     elem = q.element_size()
     per_token = 2 * a["k_cache"].shape[1] * a["k_cache"].shape[2] * elem
     tokens = int(a["kv_lens"].long().sum())
+    if sweep == "tree":
+        tokens = a["ideal_tokens"]
     if sweep == "shared":
         sizes = (a["group_offsets"][1:] - a["group_offsets"][:-1]).long()
         tokens -= int(((sizes - 1) * a["prefix_lens"].long()).sum())
@@ -218,6 +279,8 @@ def run_config(a: dict, sweep: str, key: dict, timer: Timer, hbm: float | None, 
     need = needed_bytes(a, sweep)
     for name, (fn, note) in methods(a, sweep, use_flex).items():
         row = dict(sweep=sweep, **key, method=name, time_us=None, gbps=None, hbm_pct=None, status=note or "ok")
+        if sweep == "tree":
+            row["read_over_ideal"] = a["read_tokens"][name] / a["ideal_tokens"]
         if fn is not None:
             try:
                 seconds = timer(fn)
@@ -228,7 +291,7 @@ def run_config(a: dict, sweep: str, key: dict, timer: Timer, hbm: float | None, 
                 row["status"] = "OOM"
                 torch.cuda.empty_cache()
         rows.append(row)
-    base = "plain" if sweep == "shared" else "torch-ref"
+    base = "plain" if sweep in ("shared", "tree") else "torch-ref"
     t_base = next((r["time_us"] for r in rows if r["method"] == base), None)
     for r in rows:
         r[f"speedup_vs_{base}"] = t_base / r["time_us"] if (t_base and r["time_us"]) else None
@@ -263,6 +326,18 @@ def run(sizes: dict, model: dict, args, device: torch.device, dtype: torch.dtype
                     print_rows(new)
                     rows += new
                     del a
+    if args.only in (None, "tree"):
+        for episodes in sizes["episodes"]:
+            b = episodes * sizes["states"] * sizes["k"]
+            suffix = torch.randint(1, sizes["max_suffix"] + 1, (b,), generator=g)
+            a = build_tree_batch(episodes, sizes["states"], sizes["k"], sizes["prompt"], sizes["step"], suffix,
+                                 model["hq"], model["hkv"], model["head_dim"], model["page_size"], dtype, device)
+            key = dict(batch=b, siblings=sizes["k"], prefix=sizes["prompt"], episodes=episodes,
+                       states=sizes["states"], step=sizes["step"], max_suffix=sizes["max_suffix"])
+            new = run_config(a, "tree", key, timer, hbm, use_flex)
+            print_rows(new)
+            rows += new
+            del a
     return rows
 
 
@@ -308,21 +383,25 @@ def print_rows(rows: list[dict], header: bool = False) -> None:
     for r in rows:
         mid = r.get("context", r.get("siblings"))
         speed = r.get("speedup_vs_plain", r.get("speedup_vs_torch-ref"))
+        read = f"  read/ideal {r['read_over_ideal']:.2f}" if "read_over_ideal" in r else ""
         print(f"{r['sweep']:<7} {r['batch']:>4} {mid:>5} {r.get('prefix', '-'):>6}  {r['method']:<9} "
               f"{fmt(r['time_us'], 10, 1)} {fmt(r['gbps'], 8, 1)} {fmt(r['hbm_pct'], 6, 1)} {fmt(speed, 8, 2)}  "
-              f"{r['status']}")
+              f"{r['status']}{read}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (automatic without CUDA)")
-    parser.add_argument("--only", choices=["decode", "shared"], default=None, help="run one sweep")
+    parser.add_argument("--only", choices=["decode", "shared", "tree"], default=None, help="run one sweep")
     parser.add_argument("--batch", type=int, nargs="+", help="decode sweep: sequences per step")
     parser.add_argument("--context", type=int, nargs="+", help="decode sweep: context length of every sequence")
     parser.add_argument("--shared-batch", type=int, nargs="+", help="shared sweep: rows per step (G x K)")
     parser.add_argument("--siblings", type=int, nargs="+", help="shared sweep: K, rows per group")
     parser.add_argument("--prefix", type=int, nargs="+", help="shared sweep: shared prefix length")
     parser.add_argument("--max-suffix", type=int, help="shared sweep: suffix lengths uniform in [0, this]")
+    parser.add_argument("--episodes", type=int, nargs="+", help="tree sweep: episodes per step")
+    parser.add_argument("--states", type=int, help="tree sweep: nested states per episode")
+    parser.add_argument("--k", type=int, help="tree sweep: rollouts per state")
     parser.add_argument("--hq", type=int, help="query heads (default 32)")
     parser.add_argument("--hkv", type=int, help="KV heads (default 8)")
     parser.add_argument("--head-dim", type=int, help="head dim (default 128)")
@@ -341,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cuda" if cuda else "cpu")
     sizes = dict(QUICK if quick else FULL)
-    for key in ("batch", "context", "shared_batch", "siblings", "prefix", "max_suffix"):
+    for key in ("batch", "context", "shared_batch", "siblings", "prefix", "max_suffix", "episodes", "states", "k"):
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
     model = dict(hq=32, hkv=8, head_dim=128, page_size=16) if not quick else dict(QUICK_MODEL)
