@@ -56,7 +56,8 @@ def test_triton_backend_and_cuda_graphs_give_the_torch_backends_tokens_in_fp32(s
     assert eager.generate(prompts, greedy) == ref
     assert graphs.generate(prompts, greedy) == ref
     assert graphs.attention_stats.graph_steps > 0 and graphs.attention_stats.graph_padded_rows > 0  # 3 rows -> 4
-    assert sorted(graphs._graphs.graphs) == graphs._graphs.sizes == [1, 2, 4, 8, 16]
+    assert sorted(graphs._graphs.graphs) == [(False, s) for s in graphs._graphs.sizes]  # no sharing: plain only
+    assert graphs._graphs.sizes == [1, 2, 4, 8, 16]
 
     # Weights updated in place (as the trainer's optimizer does): the captured graphs read them.
     for p in model.parameters():
@@ -86,7 +87,9 @@ def test_shared_prefix_groups_on_cuda_give_the_torch_backends_samples(save_hf):
     for g_got, g_exp in zip(got, expected):
         for a, b in zip(g_got, g_exp):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-3, rtol=0)
-    assert triton_engine.attention_stats.shared_prefix_steps > 0
+    st = triton_engine.attention_stats
+    assert st.shared_prefix_steps > 0 and st.graph_shared_steps > 0  # the cascade, replayed from graphs
+    assert st.graph_steps >= 0.9 * st.decode_only_steps
     assert len({tuple(c.token_ids) for c in got[1]}) > 1
 
 
