@@ -296,20 +296,16 @@ def kv_tokens_read(batch: StepBatch) -> int:
 def kv_tokens_ideal(batch: StepBatch, page_size: int) -> int:
     """The least KV positions the decode rows of `batch` could read: every distinct page once.
 
-    A page counts the positions of it that some row reads (a partial last page counts its filled part).
+    Full pages count page_size positions once however many rows read them; a row's partial
+    last page counts its filled part. (The engine never shares a page that is still being
+    filled: the page of a row's current token is its own, `cascade_layout` checks it.)
     """
     if batch.num_decode == 0:
         return 0
     lens = np.asarray(batch.decode_kv_lens, dtype=np.int64)
     tables = np.asarray(batch.decode_tables)
-    j = np.arange(tables.shape[1])
-    used = j[None, :] * page_size < lens[:, None]
-    pages = tables[used].astype(np.int64)
-    filled = np.minimum(lens[:, None] - j[None, :] * page_size, page_size)[used]
-    order = np.lexsort((-filled, pages))  # by page, the fullest use first
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = pages[order][1:] != pages[order][:-1]
-    return int(filled[order][first].sum())
+    full = tables[np.arange(tables.shape[1])[None, :] < (lens // page_size)[:, None]]
+    return int(np.unique(full).size * page_size + (lens % page_size).sum())
 
 
 class Staging:
