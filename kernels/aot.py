@@ -192,7 +192,9 @@ CUDA = torch.device("cuda")
 def _recording(arch: Arch) -> Iterator[list[Launch]]:
     """Kernels replaced by recorders; CUDA device queries answered for `arch` without a GPU."""
     sink: list[Launch] = []
-    props = types.SimpleNamespace(multi_processor_count=arch.sm_count)
+    # The launchers pick tiles by compute capability (major) and size splits by SM count.
+    props = types.SimpleNamespace(multi_processor_count=arch.sm_count, major=arch.capability // 10,
+                                  minor=arch.capability % 10)
     with contextlib.ExitStack() as stack:
         for module_name, names in KERNELS.items():
             module = importlib.import_module(module_name)
@@ -203,6 +205,8 @@ def _recording(arch: Arch) -> Iterator[list[Launch]]:
             if hasattr(module, "_on"):
                 stack.enter_context(mock.patch.object(module, "_on", lambda device: contextlib.nullcontext()))
         stack.enter_context(mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: props))
+        stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability",
+                                              lambda *a, **k: (props.major, props.minor)))
         yield sink
 
 

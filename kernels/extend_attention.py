@@ -371,23 +371,42 @@ class _Config:
     num_stages: int = 2
 
 
-def _default_config(max_q: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> _Config:
-    """Tiles for the GPU (H100-class) or small ones for the interpreter.
+def _capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of `device` (kernels/aot.py answers it for its target)."""
+    return torch.cuda.get_device_capability(device)
 
-    Not autotuned on a GPU yet. Chosen so that ptxas (sm_90a, Triton 3.9) reports no register
-    spills for 16-bit inputs and pipelined K/V loads; fp32 inputs (IEEE products, no tensor
-    cores) are a correctness path, not a fast one.
+
+def _default_config(max_q: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> _Config:
+    """Tiles per target (compute capability, head_dim, dtype), or small ones for the interpreter.
+
+    Not autotuned on a GPU yet. Chosen so that ptxas (Triton 3.9) reports no register spills
+    on sm_80 and sm_90 (`python -m bench.compile_report`, tests/kernels/test_aot_compile.py);
+    registers per thread below are those reports, at 16-bit inputs, without / with a sliding
+    window. fp32 inputs (IEEE products, no tensor cores) are a correctness path, not a fast one.
     """
     if device.type != "cuda" or _INTERPRETED:
         return _Config(16, 16, 1, 1)
     if dtype == torch.float32:
-        cfg = _Config(16, 32, 8, 2) if head_dim > 128 else _Config(64, 32, 8, 2)
+        # IEEE fp32 dots (no tensor cores). BLOCK_M=64 spilled at 255 registers: at head_dim
+        # 128 120-232 B on sm_80 and 1.7-2.5 KB on sm_90 (and the 16-row short-chunk tile
+        # with 4 warps 916 B), 12 B on sm_90 at d64 with a window. BLOCK_M=16 with 8 warps at
+        # d128 (every chunk length) takes 64-76 registers, BLOCK_M=32 at d64 64-69 (sm_80) /
+        # 150-174 (sm_90), no spills.
+        cfg = _Config(16, 32, 8, 2) if head_dim >= 128 else _Config(32, 32, 8, 2)
     elif head_dim > 128:
         cfg = _Config(64, 32, 8, 2)
+    elif _capability(device)[0] >= 9:  # H100-class (tuned there): no spills, 88-252 registers
+        cfg = _Config(128, 64, 8, 3) if head_dim == 128 else _Config(128, 64, 4, 3)
     elif head_dim == 128:
-        cfg = _Config(128, 64, 8, 3)
+        # A100-class: (128, 64, 8 warps, 3 stages) spilled 48 / 88 B at 255 registers; 2 stages
+        # still spilled with a window (104 B). Halving the key tile keeps the 128-query block
+        # (each K/V tile read once per 128 queries) and tensor-core shapes (P @ V has K=32):
+        # 198 / 202 registers, no spills.
+        cfg = _Config(128, 32, 8, 3)
     else:
-        cfg = _Config(128, 64, 4, 3)
+        # A100-class d64: 4 warps spilled 36 / 44 B at 255 registers; 8 warps over the same
+        # tiles take 180 / 181, no spills.
+        cfg = _Config(128, 64, 8, 3)
     # Short chunks: no point in query blocks mostly past q_len.
     block_m = max(16, min(cfg.block_m, triton.next_power_of_2(max(max_q, 1))))
     warps = cfg.num_warps if block_m == cfg.block_m else 4

@@ -294,11 +294,34 @@ class _Config:
 
 
 def _default_config(n: int, vocab: int, dtype: torch.dtype, device: torch.device) -> _Config:
-    """Tiles for the GPU (H100-class) or small ones for the interpreter."""
+    """Tiles per target (compute capability, dtype), or small ones for the interpreter.
+
+    Not autotuned on a GPU yet. Chosen so that ptxas (Triton 3.9) reports no register spills
+    in either kernel, with or without entropy, on sm_80 and sm_90 (`python -m
+    bench.compile_report`); registers per thread below are from those reports (forward
+    without / with entropy). The former tiles for every target, [128 rows, 128 vocab] x 64 of
+    d per stage, 8 warps, 3 stages, spilled in the forward at 255 registers: 36 / 296 B on
+    sm_80, 28 / 8 B on sm_90.
+    """
     if device.type == "cuda" and not _INTERPRETED:
-        bn, bv, bd = 128, 128, 64
-        warps, stages = 8, (2 if dtype == torch.float32 else 3)
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        props = torch.cuda.get_device_properties(device)
+        if dtype == torch.float32:
+            # IEEE fp32 dots (no tensor cores; a correctness path): [128, 128] x 64 spilled
+            # kilobytes on sm_80 (11 KB in the forward, 10 KB in dlogits) and 216 / 416 B on
+            # sm_90; [64, 64] x 32 takes 254 (sm_80) / 128 (sm_90) registers, no spills.
+            bn, bv, bd, warps, stages = 64, 64, 32, 8, 2
+        elif props.major >= 9:
+            # H100-class: the same [128, 128] logit tile with 32 of d per stage, 4 stages
+            # (97 -> 65 KB of shared memory): 250 / 183 registers, no spills.
+            bn, bv, bd, warps, stages = 128, 128, 32, 8, 4
+        else:
+            # A100-class: a [128, 128] tile spilled with entropy at 64 and at 32 of d per stage
+            # (296 / 248 B; 2 stages: 276 B) and fit only at 16 (255 registers, a barrier every
+            # 16 of d). [128, 64] x 64 keeps 128 rows per program and the 64-deep stages:
+            # 192 / 198 registers, no spills; a fourth stage makes up for the halved tile's
+            # shorter compute per stage (72 KB of shared memory).
+            bn, bv, bd, warps, stages = 128, 64, 64, 8, 4
+        target_programs = 2 * props.multi_processor_count
     else:
         bn, bv, bd, warps, stages, target_programs = 16, 32, 32, 4, 2, 1
     row_blocks = triton.cdiv(n, bn)

@@ -56,9 +56,6 @@ SUBSET = [
 # the test passes, which fails the run until its entry here is removed.
 KNOWN_SPILLS = {
     "sm80-shared_prefix-bf16-d128-g4-p16": "_prefix_kernel spills 4-8 B on sm_80 at head_dim 128",
-    "sm80-extend-bf16-d128": "_extend_kernel with BLOCK_M=128 spills 36-88 B on sm_80 (its tiles were tuned on sm_90)",
-    "sm80-logprobs-bf16": "fused log-probs _fwd_kernel spills 36 B at 255 registers on sm_80",
-    "sm90-logprobs_entropy-bf16": "fused log-probs _fwd_kernel with entropy spills 8 B on sm_90",
 }
 PARAMS = [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[s.label]))
           if s.label in KNOWN_SPILLS else s for s in SUBSET]
