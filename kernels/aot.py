@@ -76,6 +76,7 @@ GROUPS = (1, 4, 8)  # query heads per KV head (1: MHA)
 PAGE_SIZES = (16, 32)
 DTYPES = ("bfloat16", "float32")
 NUM_KV_HEADS = 8
+HIDDEN_SIZES = (1536, 2048)  # the presets' models: Qwen2.5-1.5B, Llama-1.1B
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 # Op -> (model axes that change its code, what it runs). Axes an op lacks are runtime
@@ -92,6 +93,8 @@ OPS: dict[str, tuple[tuple[str, ...], str]] = {
     "extend_window": (("head_dim",), "the same with a sliding window (4096)"),
     "extend_short": (("head_dim",), "prefill chunk of 16 tokens (the launcher shrinks BLOCK_M)"),
     "store_kv": (("head_dim",), "new tokens' K/V into the pool"),
+    "rmsnorm": (("hidden",), "RMSNorm of 504 rows (the first input norm of a wide RL decode step)"),
+    "rmsnorm_add": (("hidden",), "residual add + RMSNorm of 504 rows (twice per decoder layer)"),
     "merge_states": (("head_dim",), "public two-state merge"),
     "logprobs": ((), "fused LM-head log-probs, forward + backward (N 16384, d 2048, V 151936)"),
     "logprobs_entropy": ((), "the same with entropy"),
@@ -107,12 +110,13 @@ class Scenario:
     head_dim: int | None = None
     group: int | None = None
     page_size: int | None = None
+    hidden: int | None = None
 
     @property
     def label(self) -> str:
         """Readable id, e.g. 'sm90-decode-bf16-d128-g4-p16'."""
         parts = [self.arch, self.op, DTYPE_SHORT[self.dtype]]
-        for prefix, value in (("d", self.head_dim), ("g", self.group), ("p", self.page_size)):
+        for prefix, value in (("d", self.head_dim), ("g", self.group), ("p", self.page_size), ("h", self.hidden)):
             if value is not None:
                 parts.append(f"{prefix}{value}")
         return "-".join(parts)
@@ -122,14 +126,14 @@ class Scenario:
         """Inverse of `label`."""
         arch, op, dtype, *rest = label.split("-")
         dtypes = {v: k for k, v in DTYPE_SHORT.items()}
-        axes = {"d": "head_dim", "g": "group", "p": "page_size"}
+        axes = {"d": "head_dim", "g": "group", "p": "page_size", "h": "hidden"}
         return cls(op, arch, dtypes[dtype], **{axes[r[0]]: int(r[1:]) for r in rest})
 
 
 def full_matrix(archs: Iterable[str] = tuple(ARCHS), dtypes: Iterable[str] = DTYPES,
                 ops: Iterable[str] = tuple(OPS)) -> list[Scenario]:
     """Every op x target x dtype x the model axes that change the op's code."""
-    values = {"head_dim": HEAD_DIMS, "group": GROUPS, "page_size": PAGE_SIZES}
+    values = {"head_dim": HEAD_DIMS, "group": GROUPS, "page_size": PAGE_SIZES, "hidden": HIDDEN_SIZES}
     out = []
     for arch, dtype, op in itertools.product(archs, dtypes, ops):
         axes = OPS[op][0]
@@ -183,6 +187,7 @@ KERNELS = {  # module -> its Triton kernels (every one some launcher starts)
     "kernels.merge_states": ("_merge_two_kernel", "_merge_splits_kernel"),
     "kernels.extend_attention": ("_extend_kernel",),
     "kernels.store_kv": ("_store_kv_kernel",),
+    "kernels.rmsnorm": ("_rms_norm_kernel",),
     "kernels.fused_logprobs": ("_fwd_kernel", "_dlogits_kernel"),
 }
 CUDA = torch.device("cuda")
@@ -256,6 +261,13 @@ def _drive(s: Scenario) -> None:
         _, kc, vc, _, _ = _paged(dataclasses.replace(s, group=1, page_size=16))
         slots = torch.empty(n, dtype=torch.int64, device="meta")
         sk._store_kv_triton(_CudaLike(k), _CudaLike(k), _CudaLike(kc), _CudaLike(vc), _CudaLike(slots))
+    elif s.op in ("rmsnorm", "rmsnorm_add"):
+        rn = importlib.import_module("kernels.rmsnorm")
+        rows = 504  # an RL decode step: K=9 rollouts of ~56 states
+        x = torch.empty(rows, s.hidden, dtype=dtype, device="meta")
+        weight = torch.empty(s.hidden, dtype=dtype, device="meta")
+        residual = x if s.op == "rmsnorm_add" else None
+        rn._rms_norm_triton(x, residual, weight, 1e-6, rn._tiles(rows, s.hidden, CUDA))
     elif s.op == "merge_states":
         o = torch.empty(32, 32, s.head_dim, dtype=dtype, device="meta")
         lse = torch.empty(32, 32, dtype=torch.float32, device="meta")

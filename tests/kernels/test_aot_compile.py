@@ -48,6 +48,11 @@ SUBSET = [
     S("merge_states", "sm90", BF16, head_dim=128),
     S("logprobs", "sm80", BF16),
     S("logprobs_entropy", "sm90", BF16),
+    # RMSNorm, alone and fused with the residual add, at the presets' hidden sizes
+    S("rmsnorm", "sm80", BF16, hidden=1536),
+    S("rmsnorm", "sm90", BF16, hidden=2048),
+    S("rmsnorm_add", "sm80", BF16, hidden=2048),
+    S("rmsnorm_add", "sm90", BF16, hidden=1536),
 ]
 
 
@@ -94,6 +99,7 @@ def test_the_subset_covers_every_kernel_target_and_model_axis(compiled):
     assert {s.head_dim for s in SUBSET} >= set(aot.HEAD_DIMS)
     assert {s.group for s in SUBSET} >= set(aot.GROUPS)
     assert {s.page_size for s in SUBSET} >= set(aot.PAGE_SIZES)
+    assert {s.hidden for s in SUBSET} >= set(aot.HIDDEN_SIZES)
     for op in aot.OPS:
         base = op.split("_")[0]
         assert any(s.op.startswith(base) for s in SUBSET), op
