@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from engine.model.config import ConfigError, ModelConfig, dtype_from_str
+from engine.model.fused_linear import prefuse_state_dict
 from engine.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
@@ -63,7 +64,13 @@ def load_model(
         name == "lm_head.weight" and cfg.tie_word_embeddings)
     tensors = _read_tensors(files, folder, skip)
     tensors = {name: (t.to(device=device, dtype=target_dtype), path) for name, (t, path) in tensors.items()}
-    model.load_state_dict(_match_state_dict(model, tensors, folder), strict=True, assign=True)
+    state = _match_state_dict(model, tensors, folder)
+    del tensors
+    # q/k/v and gate/up become row blocks of one tensor per layer here (each group's separate
+    # tensors freed as it is built), so the assigned parameters already share the storage
+    # the fused matmuls need and the model's load hook has nothing to copy.
+    prefuse_state_dict(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
     model.reset_rope()
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.config.generation = _read_json(folder / GENERATION_CONFIG_NAME) if (folder / GENERATION_CONFIG_NAME).exists() else {}

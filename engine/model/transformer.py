@@ -10,6 +10,17 @@ Two entry points: `forward` (logits [B, T, V]) and `hidden_states` ([B, T, d], a
 final norm) so the RL loss can apply the LM head itself, chunked, without materialising
 the [tokens x vocab] logits. Both run the dense training path; the engine's paged path
 calls `model.model(input_ids, positions, ctx)` with an attention context of its own.
+
+Fewer kernels per layer:
+- q/k/v and gate/up are one matmul each (`FusedLinears`): the HF-named weights are row
+  blocks of one storage (see engine/model/fused_linear.py for the invariant and how
+  `.to()`, checkpoint loads and the optimizer keep it).
+- Without autograd (`Backbone.forward` under no_grad: the engine), each residual add and the
+  RMSNorm after it are one `kernels.rmsnorm.fused_add_rms_norm` (Triton on CUDA, its torch
+  twin elsewhere): the residual stream is carried next to the normed activations and the
+  next layer's input norm is fused into this layer's last add. `hidden_states` (the trainer's
+  path, with or without grad) always runs the unfused torch norms, so PPO's old (no_grad)
+  and new (grad) log-probs come from the same arithmetic.
 """
 from __future__ import annotations
 
@@ -26,7 +37,9 @@ from engine.model.attention import (
     flash_attn_varlen,
 )
 from engine.model.config import ModelConfig
+from engine.model.fused_linear import FusedLinears
 from engine.model.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
+from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +57,27 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class Attention(nn.Module):
+def _norm_kernel(x: torch.Tensor) -> bool:
+    """Whether the inference path calls the kernels' dispatching ops (Triton) rather than their
+    torch twins: on CUDA only. On the CPU the interpreter would be far slower than torch."""
+    return x.is_cuda
+
+
+def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    return (rms_norm if _norm_kernel(x) else rms_norm_reference)(x, norm.weight, norm.eps)
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) in one kernel on CUDA."""
+    op = fused_add_rms_norm if _norm_kernel(x) else fused_add_rms_norm_reference
+    return op(x, residual, norm.weight, norm.eps)
+
+
+class Attention(FusedLinears):
+    """q/k/v (one fused matmul), optional per-head q/k norms, RoPE, the context's attention, o_proj."""
+
+    fused_groups = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -58,12 +91,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.qkv_sizes = (hq * self.head_dim, hkv * self.head_dim, hkv * self.head_dim)
+        self.fuse_linears()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        # Column blocks of one [B, T, (Hq + 2 Hkv) D] output: strided views, no copies.
+        q, k, v = self.fused_linear(x, 0).split(self.qkv_sizes, dim=-1)
+        q = q.view(b, t, -1, self.head_dim)
+        k = k.view(b, t, -1, self.head_dim)
+        v = v.view(b, t, -1, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -71,16 +108,23 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(b, t, -1))
 
 
-class MLP(nn.Module):
+class MLP(FusedLinears):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), gate and up in one fused matmul."""
+
+    fused_groups = (("gate_proj", "up_proj"),)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
+        self.intermediate_size = f
+        self.fuse_linears()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.fused_linear(x, 0).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -94,6 +138,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, h: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      ctx: AttentionContext, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next_norm(y), y) for this layer's output y, given h = input_layernorm(x) and residual = x.
+
+        Same arithmetic as `forward` followed by next_norm, with each residual add fused into
+        the norm after it (no autograd through the Triton kernel: inference only).
+        """
+        h, residual = _add_rms_norm(self.self_attn(h, cos, sin, ctx), residual, self.post_attention_layernorm)
+        return _add_rms_norm(self.mlp(h), residual, next_norm)
 
 
 class Backbone(nn.Module):
@@ -109,10 +163,27 @@ class Backbone(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """input_ids, positions [B, T] -> final-normed hidden states [B, T, d]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext,
+                fused_norms: bool | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T] -> final-normed hidden states [B, T, d].
+
+        fused_norms: residual add + RMSNorm as one kernel (`DecoderLayer.forward_fused`);
+        None (the engine's call): when autograd is off. Never with autograd (no backward).
+        """
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, positions, x.dtype)
+        if fused_norms is None:
+            fused_norms = not torch.is_grad_enabled()
+        if fused_norms:
+            if torch.is_grad_enabled():
+                raise RuntimeError("fused_norms=True has no backward: run it under torch.no_grad()")
+            layers = list(self.layers)
+            h = _rms_norm(x, layers[0].input_layernorm) if layers else x
+            residual = x
+            for i, layer in enumerate(layers):
+                next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+                h, residual = layer.forward_fused(h, residual, cos, sin, ctx, next_norm)
+            return h if layers else self.norm(x)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
@@ -232,7 +303,7 @@ class Transformer(nn.Module):
             ctx = PaddedAttention(valid, self.config.sliding_windows, t)
         if position_ids.shape[-1] != t:
             raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for {t} tokens")
-        return self.model(input_ids, position_ids.expand(b, t), ctx)
+        return self.model(input_ids, position_ids.expand(b, t), ctx, fused_norms=False)
 
     def forward(
         self,
