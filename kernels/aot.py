@@ -239,13 +239,15 @@ def _drive(s: Scenario) -> None:
         q, kc, vc, table, lens = _paged(s)
         splits = 1 if s.op == "decode" else 64  # 64: the heuristic's maximum (largest BLOCK_S)
         window = 4096 if s.op == "decode_window" else None
-        da._decode_triton(q, kc, vc, table, lens, s.page_size, scale, None, window, splits, da._default_config(CUDA))
+        da._decode_triton(q, kc, vc, table, lens, s.page_size, scale, None, window, splits,
+                          da._default_config(CUDA, dtype, s.head_dim))
     elif s.op == "shared_prefix":
         q, kc, vc, table, lens = _paged(s)
-        groups = torch.empty(5, dtype=torch.int32, device="meta")
-        prefix = torch.empty(4, dtype=torch.int32, device="meta")
-        sp._shared_prefix_triton(q, kc, vc, table, lens, s.page_size, scale, groups, prefix, 64, 64,
-                                 sp._default_config(CUDA))
+        segments = torch.empty(31, 5, dtype=torch.int32, device="meta")  # at most B - 1 shared ranges
+        suffix = torch.empty(q.shape[0], dtype=torch.int32, device="meta")
+        sp._cascade_triton(q, kc, vc, table, lens, s.page_size, scale, segments, suffix, 8, 64, 64,  # 8 levels
+                           sp._default_config(CUDA, dtype, s.head_dim),
+                           sp._prefix_config(CUDA, s.head_dim, dtype))
     elif s.op in ("extend", "extend_window", "extend_short"):
         group, page_size, batch = 4, 16, 4  # runtime arguments of the kernel: any value compiles the same
         max_q = 16 if s.op == "extend_short" else 2048

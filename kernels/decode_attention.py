@@ -363,9 +363,18 @@ class _Config:
     num_stages: int = 2
 
 
-def _default_config(device: torch.device) -> _Config:
-    """Tiles for the GPU (H100-class) or small ones for the interpreter."""
+def _default_config(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> _Config:
+    """Tiles for the GPU (H100-class) or small ones for the interpreter.
+
+    fp32 inputs (the IEEE correctness path) hold twice the registers per K/V element: the
+    bf16 tiles spill 150-190 B on sm_80 at head_dim 128 (bench.compile_report); 32-key tiles,
+    with 8 warps at head_dim > 64 (4 spill ~1 KB on sm_90) and 4 below (8 spill a few bytes
+    in the shared-prefix kernel), compile without spills on sm_80 and sm_90.
+    """
     if device.type == "cuda" and not _INTERPRETED:
+        if dtype == torch.float32:
+            warps = 8 if head_dim is None or head_dim > 64 else 4
+            return _Config(block_n=32, block_m=32, num_warps=warps, num_stages=3)
         return _Config(block_n=64, block_m=64, num_warps=4, num_stages=3)
     return _Config(block_n=16, block_m=16, num_warps=4, num_stages=1)
 
@@ -500,7 +509,7 @@ def decode_attention(
             lo, hi = _key_range(kv_lens, kv_starts, window)
             _check_paged_values(page_table, page_size, k_cache.shape[0], kv_lens, lo, hi)
         out, lse = _decode_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, kv_starts, window,
-                                  num_splits, _default_config(q.device))
+                                  num_splits, _default_config(q.device, q.dtype, q.shape[2]))
         return (out, lse) if return_lse else out
     return decode_attention_reference(
         q, k_cache, v_cache, page_table, kv_lens, page_size, scale,

@@ -55,6 +55,7 @@ from kernels.decode_attention import (
     _default_splits,
     _block_d,
     _dot_flags,
+    _INTERPRETED,
     _is_int,
     _kernel_supports,
     _launch_decode_stage1,
@@ -353,15 +354,16 @@ if triton is not None:
 # --------------------------------------------------------------------------- Triton launcher
 
 
-def _prefix_config(device: torch.device, head_dim: int) -> _Config:
+def _prefix_config(device: torch.device, head_dim: int, dtype: torch.dtype | None = None) -> _Config:
     """The prefix pass's tiles: the decode config, with 8 warps at head_dim > 64 on the GPU.
 
     A [64, 128] fp32 accumulator plus the bf16 query tile and a [64, 64] score tile do not fit
     4 warps' registers on sm_80 (ptxas spills; bench.compile_report); 8 warps halve the share.
     """
-    cfg = _default_config(device)
-    if device.type == "cuda" and head_dim > 64 and cfg.num_warps < 8:
-        cfg = _Config(block_n=cfg.block_n, block_m=cfg.block_m, num_warps=8, num_stages=cfg.num_stages)
+    cfg = _default_config(device, dtype, head_dim)
+    if device.type == "cuda" and not _INTERPRETED:
+        if head_dim > 64 and cfg.num_warps < 8:
+            cfg = _Config(block_n=cfg.block_n, block_m=cfg.block_m, num_warps=8, num_stages=cfg.num_stages)
     return cfg
 
 
@@ -415,7 +417,7 @@ def _shared_prefix_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, s
     """The sibling-group form through the cascade kernels (one level)."""
     segments, suffix = groups_as_cascade(group_offsets.contiguous(), prefix_lens.contiguous(), q.shape[0])
     return _cascade_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments, suffix, 1,
-                           prefix_splits, suffix_splits, cfg, _prefix_config(q.device, q.shape[2]))
+                           prefix_splits, suffix_splits, cfg, _prefix_config(q.device, q.shape[2], q.dtype))
 
 
 # --------------------------------------------------------------------------- public ops
@@ -457,9 +459,10 @@ def cascade_decode_attention(
         if validate or not q.is_cuda:
             _check_cascade_values(page_table, kv_lens, page_size, k_cache.shape[0], segments, suffix_starts,
                                   num_levels)
+        d = q.shape[2]
         return _cascade_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments, suffix_starts,
-                               num_levels, prefix_splits, suffix_splits, _default_config(q.device),
-                               _prefix_config(q.device, q.shape[2]))
+                               num_levels, prefix_splits, suffix_splits, _default_config(q.device, q.dtype, d),
+                               _prefix_config(q.device, d, q.dtype))
     return cascade_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments,
                                               suffix_starts, num_levels, validate=validate)
 
@@ -495,7 +498,7 @@ def shared_prefix_decode_attention(
         if validate or not q.is_cuda:
             _check_group_values(page_table, kv_lens, page_size, k_cache.shape[0], group_offsets, prefix_lens)
         return _shared_prefix_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, group_offsets,
-                                     prefix_lens, None, None, _default_config(q.device))
+                                     prefix_lens, None, None, _default_config(q.device, q.dtype, q.shape[2]))
     return shared_prefix_decode_attention_reference(
         q, k_cache, v_cache, page_table, kv_lens, page_size, scale, group_offsets, prefix_lens, validate=validate,
     )

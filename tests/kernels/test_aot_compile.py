@@ -56,16 +56,6 @@ SUBSET = [
 ]
 
 
-# Spills found by this check on 2026-11-29 (bench/RESULTS.md has the bytes): real defects of
-# today's CUDA tile configs, left for issue 13's kernel work. Strict: once a config is fixed
-# the test passes, which fails the run until its entry here is removed.
-KNOWN_SPILLS = {
-    "sm80-shared_prefix-bf16-d128-g4-p16": "_prefix_kernel spills 4-8 B on sm_80 at head_dim 128",
-}
-PARAMS = [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[s.label]))
-          if s.label in KNOWN_SPILLS else s for s in SUBSET]
-
-
 def _tools_present() -> bool:
     return all(os.path.exists(aot._bin(tool)) for tool in ("ptxas", "cuobjdump"))
 
@@ -79,7 +69,7 @@ def compiled() -> dict[str, dict]:
     return aot.run_scenarios(SUBSET, timeout=900)
 
 
-@pytest.mark.parametrize("scenario", PARAMS, ids=lambda s: s.label)
+@pytest.mark.parametrize("scenario", SUBSET, ids=lambda s: s.label)
 def test_compiles_without_spills_within_shared_memory(scenario, compiled):
     result = compiled[scenario.label]
     assert result["kernels"], f"{scenario.label}: no kernel launched"
