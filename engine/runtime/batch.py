@@ -19,6 +19,7 @@ that does not sample has at least the previous step's copy behind it).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -243,6 +244,30 @@ def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_
     lcp[lcp < max(1, -(-min_prefix_tokens // page_size))] = 0
     if not lcp.any():
         return None
+    seg, suffix, num_levels = _lcp_tree(lcp.astype(np.int64).tobytes(), page_size, max_levels)
+    seg, suffix = seg.copy(), suffix.copy()  # the memo's arrays stay untouched
+    broken = suffix >= kv_lens
+    if broken.any():
+        row = int(np.flatnonzero(broken)[0])
+        raise RuntimeError(
+            f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
+            f"(shared prefix {int(suffix[row])} tokens): each sibling must write its own page"
+        )
+    if as_torch:
+        return torch.from_numpy(seg), torch.from_numpy(suffix), num_levels
+    return seg, suffix, num_levels
+
+
+@functools.lru_cache(maxsize=64)
+def _lcp_tree(lcp_bytes: bytes, page_size: int, max_levels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(segments int32 [S, 5], suffix_starts int32 [B], levels) of the adjacent-row lcps (pages).
+
+    A pure function of the lcps, memoised: from one decode step to the next the rows and what
+    they share usually stay the same (only their own suffixes grow), so this pass runs once
+    per change of the batch's sharing, not once per step.
+    """
+    lcp = np.frombuffer(lcp_bytes, dtype=np.int64)
+    b = lcp.size + 1
     # lcp intervals by one stack pass over the rows (Abouelhoda et al.'s bottom-up traversal):
     # `open_` holds (lcp, first row) of the intervals still open, lcps strictly increasing.
     intervals = []  # (first, end, lcp, parent lcp), children before their parents
@@ -256,7 +281,7 @@ def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_
         if l > open_[-1][0]:
             open_.append((l, first))
     # Depths top-down: parents come after their children, so walk the list backwards.
-    suffix = np.zeros(b, dtype=np.int64)
+    suffix = np.zeros(b, dtype=np.int32)
     depth_at = np.full(b, -1, dtype=np.int64)  # depth of the deepest segment placed on each row so far
     segments = []
     for first, end, l, parent_l in reversed(intervals):
@@ -266,19 +291,8 @@ def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_
         depth_at[first:end] = level
         suffix[first:end] = l * page_size
         segments.append((first, end, parent_l * page_size, l * page_size, level))
-    broken = suffix >= kv_lens
-    if broken.any():
-        row = int(np.flatnonzero(broken)[0])
-        raise RuntimeError(
-            f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
-            f"(shared prefix {int(suffix[row])} tokens): each sibling must write its own page"
-        )
     seg = np.array(segments, dtype=np.int32).reshape(-1, 5)
-    num_levels = int(seg[:, 4].max()) + 1
-    suffix = suffix.astype(np.int32)
-    if as_torch:
-        return torch.from_numpy(seg), torch.from_numpy(suffix), num_levels
-    return seg, suffix, num_levels
+    return seg, suffix, int(seg[:, 4].max()) + 1
 
 
 def kv_tokens_read(batch: StepBatch) -> int:
@@ -305,7 +319,12 @@ def kv_tokens_ideal(batch: StepBatch, page_size: int) -> int:
     lens = np.asarray(batch.decode_kv_lens, dtype=np.int64)
     tables = np.asarray(batch.decode_tables)
     full = tables[np.arange(tables.shape[1])[None, :] < (lens // page_size)[:, None]]
-    return int(np.unique(full).size * page_size + (lens % page_size).sum())
+    distinct = 0
+    if full.size:  # a bitmap over page ids: cheaper than sorting them
+        seen = np.zeros(int(full.max()) + 1, dtype=bool)
+        seen[full] = True
+        distinct = int(np.count_nonzero(seen))
+    return distinct * page_size + int((lens % page_size).sum())
 
 
 class Staging:
