@@ -11,9 +11,11 @@ and writes is kept even when a later one fails or runs out of time:
    attention kernels at real shapes);
 2. `bench.host_overhead --real-model` at a 1.1B Llama shape and at a Qwen2.5-1.5B shape
    (random weights, bench/configs/): host vs device ms per step of the RL workloads;
-3. `bench.attention` (decode and shared-prefix kernels vs the torch reference, SDPA, % of HBM);
+3. `bench.attention` (decode, shared-prefix and the episode-tree cascade vs the torch
+   reference, SDPA, plain decode, % of HBM);
 4. `bench.logprob` (fused log-probs vs materialised logits, and Liger when installed);
-5. `bench.branching` on the VinePPO workload at the 1.1B shape: engine vs prefix cache off vs
+5. `bench.norm` (fused residual add + RMSNorm vs the torch ops, kernels per layer);
+6. `bench.branching` on the VinePPO workload at the 1.1B shape: engine vs prefix cache off vs
    transformers `generate`.
 
 Each bench prints its ratios against the baseline of the same run. Results: every step's JSON
@@ -46,7 +48,8 @@ def steps(out: Path) -> list[tuple[str, list[str], int]]:
                                              "--repeats", "1", "--workloads", "mc,mc+stop+seed",
                                              "--out", str(out / "host-overhead-qwen2.5-1.5b.json")], 60),
         ("attention", py + ["-m", "bench.attention", "--no-flex", "--out", str(out / "attention.json")], 75),
-        ("logprob", py + ["-m", "bench.logprob", "--out", str(out / "logprob.json")], 60),
+        ("logprob", py + ["-m", "bench.logprob", "--out", str(out / "logprob.json")], 55),
+        ("norm", py + ["-m", "bench.norm", "--quick", "--out", str(out / "norm.json")], 15),
         ("branching-llama-1.1b", py + ["-m", "bench.branching", "--config", llama, "--prompts", "4",
                                        "--response-len", "128", "--state-every", "32", "--max-num-seqs", "512",
                                        "--out", str(out / "branching-llama-1.1b.json")], 100),
