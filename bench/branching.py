@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"engine attention: {eng['attention_backend']}, cuda graphs: {'on' if eng['cuda_graphs'] else 'off'}, "
           f"MC steps {eng['mc_forward_steps']} ({eng['mc_attention']['graph_steps']} from graphs, "
           f"{eng['mc_attention']['shared_prefix_steps']} reading shared prefixes once; KV read "
-          f"{eng['mc_attention']['read_over_ideal']:.2f}x every page once)")
+          f"{eng['mc_attention']['read_over_ideal'] or float('nan'):.2f}x every page once)")
     print("engine MC ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in eng["mc_step_ms"].items()))
     print(f"{'method':<24}{'traj s':>9}{'MC s':>9}{'MC tok/s':>11}{'MC prefill':>12}{'cached':>10}{'MC speedup':>12}")
     for name, r in results.items():

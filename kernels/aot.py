@@ -247,7 +247,7 @@ def _drive(s: Scenario) -> None:
         suffix = torch.empty(q.shape[0], dtype=torch.int32, device="meta")
         sp._cascade_triton(q, kc, vc, table, lens, s.page_size, scale, segments, suffix, 8, 64, 64,  # 8 levels
                            sp._default_config(CUDA, dtype, s.head_dim),
-                           sp._prefix_config(CUDA, s.head_dim, dtype))
+                           sp._prefix_config(CUDA, dtype, s.head_dim))
     elif s.op in ("extend", "extend_window", "extend_short"):
         group, page_size, batch = 4, 16, 4  # runtime arguments of the kernel: any value compiles the same
         max_q = 16 if s.op == "extend_short" else 2048

@@ -100,6 +100,9 @@ def _level_ranges(segments: torch.Tensor, b: int, num_levels: int):
     """
     seg = segments.long()
     rows = torch.arange(b, device=segments.device)
+    if seg.shape[0] == 0:  # no shared range: every level empty
+        zero = torch.zeros_like(rows)
+        return [(torch.zeros(b, dtype=torch.bool, device=rows.device), rows, zero, zero)] * num_levels
     cover = (seg[None, :, 0] <= rows[:, None]) & (rows[:, None] < seg[None, :, 1])  # [B, S]
     out = []
     for level in range(num_levels):
@@ -157,10 +160,6 @@ def _check_cascade_values(page_table, kv_lens, page_size, num_slots, segments, s
         r = int(bad.nonzero()[0, 0])
         raise ValueError(f"row {r}: its segments end at {int(end[r])} but suffix_starts[{r}] = {int(suffix[r])}; "
                          "the shared ranges must reach the suffix")
-    over = end > lens
-    if bool(over.any()):
-        r = int(over.nonzero()[0, 0])
-        raise ValueError(f"row {r}: its segments reach position {int(end[r])} past kv_lens[{r}] = {int(lens[r])}")
     _check_paged_values(page_table, page_size, num_slots, kv_lens, suffix, lens)
 
 
@@ -354,7 +353,7 @@ if triton is not None:
 # --------------------------------------------------------------------------- Triton launcher
 
 
-def _prefix_config(device: torch.device, head_dim: int, dtype: torch.dtype | None = None) -> _Config:
+def _prefix_config(device: torch.device, dtype: torch.dtype | None, head_dim: int) -> _Config:
     """The prefix pass's tiles: the decode config, with 8 warps at head_dim > 64 on the GPU.
 
     A [64, 128] fp32 accumulator plus the bf16 query tile and a [64, 64] score tile do not fit
@@ -384,8 +383,8 @@ def _cascade_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, 
         return out
     cap = page_table.shape[1] * page_size
     levels = num_levels if num_segments > 0 else 0
-    if prefix_splits is None:
-        prefix_splits = _default_splits(max(num_segments, 1) * hkv, cap, q.device)
+    if prefix_splits is None:  # bounded so that the workspace keeps <= 64 prefix slots however deep the tree
+        prefix_splits = max(1, min(_default_splits(max(num_segments, 1) * hkv, cap, q.device), 64 // max(levels, 1)))
     if suffix_splits is None:
         suffix_splits = _default_splits(b * hkv, cap, q.device)
     base = levels * prefix_splits
@@ -417,7 +416,7 @@ def _shared_prefix_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, s
     """The sibling-group form through the cascade kernels (one level)."""
     segments, suffix = groups_as_cascade(group_offsets.contiguous(), prefix_lens.contiguous(), q.shape[0])
     return _cascade_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments, suffix, 1,
-                           prefix_splits, suffix_splits, cfg, _prefix_config(q.device, q.shape[2], q.dtype))
+                           prefix_splits, suffix_splits, cfg, _prefix_config(q.device, q.dtype, q.shape[2]))
 
 
 # --------------------------------------------------------------------------- public ops
@@ -462,7 +461,7 @@ def cascade_decode_attention(
         d = q.shape[2]
         return _cascade_triton(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments, suffix_starts,
                                num_levels, prefix_splits, suffix_splits, _default_config(q.device, q.dtype, d),
-                               _prefix_config(q.device, d, q.dtype))
+                               _prefix_config(q.device, q.dtype, d))
     return cascade_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, segments,
                                               suffix_starts, num_levels, validate=validate)
 

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 # Shared prefixes (triton backend): the smallest shared range, in tokens, worth reading once for its rows.
 DEFAULT_SHARED_PREFIX_MIN_TOKENS = 16
-# Levels of nested sharing the cascade kernel reads once (deeper sharing is read per row).
-MAX_CASCADE_LEVELS = 16
+# Levels of nested sharing the cascade kernel reads once (deeper sharing is read per row). It
+# sizes the CUDA graphs' static workspace, so it stays small: an episode's prompt plus 7 states.
+MAX_CASCADE_LEVELS = 8
 
 
 class RowTable:
@@ -229,6 +230,8 @@ def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_
     is never shared, since the scheduler shares only full pages of computed tokens and copies a
     partial page. So every row's suffix holds at least its current position.
     """
+    if max_levels < 1:
+        raise ValueError(f"max_levels must be >= 1, got {max_levels}")
     as_torch = isinstance(tables, torch.Tensor)
     if as_torch:
         tables, kv_lens = tables.numpy(), kv_lens.numpy()
@@ -241,18 +244,21 @@ def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_
     both = np.minimum(used[1:], used[:-1])
     same = (tables[1:] == tables[:-1]) & (j[None, :] < both[:, None])
     lcp = np.cumprod(same, axis=1).sum(axis=1)  # [B - 1]: pages rows i and i + 1 share
+    # A shared page that holds a row's current position (checked on the raw lcps, before the
+    # threshold and the level cap hide any of them).
+    broken = lcp * page_size >= np.minimum(kv_lens[1:], kv_lens[:-1])
+    if broken.any():
+        i = int(np.flatnonzero(broken)[0])
+        row = i if kv_lens[i] <= kv_lens[i + 1] else i + 1
+        raise RuntimeError(
+            f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
+            f"(shared prefix {int(lcp[i]) * page_size} tokens): each sibling must write its own page"
+        )
     lcp[lcp < max(1, -(-min_prefix_tokens // page_size))] = 0
     if not lcp.any():
         return None
     seg, suffix, num_levels = _lcp_tree(lcp.astype(np.int64).tobytes(), page_size, max_levels)
     seg, suffix = seg.copy(), suffix.copy()  # the memo's arrays stay untouched
-    broken = suffix >= kv_lens
-    if broken.any():
-        row = int(np.flatnonzero(broken)[0])
-        raise RuntimeError(
-            f"decode row {row} (kv_len {int(kv_lens[row])}) shares its current token's page with its siblings "
-            f"(shared prefix {int(suffix[row])} tokens): each sibling must write its own page"
-        )
     if as_torch:
         return torch.from_numpy(seg), torch.from_numpy(suffix), num_levels
     return seg, suffix, num_levels

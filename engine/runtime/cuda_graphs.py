@@ -18,10 +18,11 @@ Two variants per size, each captured the first time a step needs it:
   builder never makes more), one prefix split per level, so every such step fits.
 
 Invariants that keep a graph valid:
-- Padding rows never touch a live page, and never each other's slot. The Engine reserves
-  `scratch_pages_needed` pages for the runner's lifetime (one reference never released, so no
-  sequence or tree node gets them). Padding row j writes its K/V at scratch position j (page
-  j // page_size, offset j % page_size) and reads only its scratch page up to that offset.
+- Padding rows never touch a live page, and never write each other's slot. The Engine
+  reserves `scratch_pages_needed` pages for the runner's lifetime (one reference never
+  released, so no sequence or tree node gets them). Padding row j writes its K/V at scratch
+  position j (page j // page_size, offset j % page_size) and reads only its scratch page up
+  to that offset (slots other padding rows wrote: finite garbage, in rows nobody reads).
   (Capture itself runs all-padding batches larger than the scratch space; those warm-up and
   capture forwards write scratch slots several times over, which is harmless: nothing reads
   them as data.)
@@ -31,7 +32,10 @@ Invariants that keep a graph valid:
   anyway (`model.to(...)`, a new tensor assigned), `ensure_valid` drops the graphs and they
   are captured again on the next decode step. Nothing captured copies a parameter.
 - Kernel grids and split counts depend only on the captured batch size, the static table
-  width and the model, never on buffer contents.
+  width and the model, never on buffer contents. The cascade variant runs
+  `prefix_splits[size]` (at most 4, untuned until a GPU is lent) splits per shared range.
+- All graphs share one memory pool, so a replay may overwrite the output of another graph:
+  `run`'s result is valid until the next `run` (the Engine consumes it before that).
 
 Steps that do not fit (a prefill chunk in the batch, more rows than the largest size) run
 eagerly. `capture=False` runs exactly the same static-buffer, padded path without capturing:
@@ -114,6 +118,9 @@ class DecodeGraphRunner:
         self.pad_pages = pages.to(torch.int32)
         self.num_splits = {s: static_num_splits(s, cfg.num_key_value_heads, self.max_pages * page_size, dev)
                            for s in self.sizes}
+        # Splits per shared range in the cascade variant: a long prompt shared by few rows needs
+        # several programs per kv head; 4 keeps the workspace at MAX_CASCADE_LEVELS * 4 slots.
+        self.prefix_splits = {s: min(4, n) for s, n in self.num_splits.items()}
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # (cascade, size) -> graph
         self.outputs: dict[tuple[bool, int], torch.Tensor] = {}
         self._pool_handle = None
@@ -131,7 +138,10 @@ class DecodeGraphRunner:
 
     @torch.no_grad()
     def run(self, token_ids: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """Hidden states [B, d] of a decode-only step (token ids and metadata already on the device)."""
+        """Hidden states [B, d] of a decode-only step (token ids and metadata already on the device).
+
+        The result lives in the graphs' shared pool: valid until the next `run`.
+        """
         rows = batch.num_decode
         size = self.padded_size(rows)
         cascade = batch.cascade_segments is not None
@@ -179,7 +189,9 @@ class DecodeGraphRunner:
         self.page_tables[rows:size, 0].copy_(self.pad_pages[:pad])
 
     def _forward(self, size: int, cascade: bool) -> torch.Tensor:
-        shared = (self.segments[:size], self.suffix_starts[:size], MAX_CASCADE_LEVELS) if cascade else None
+        shared = None
+        if cascade:
+            shared = (self.segments[:size], self.suffix_starts[:size], MAX_CASCADE_LEVELS, self.prefix_splits[size])
         ctx = StaticDecodeAttention(self.pool, self.inputs[2, :size], self.page_tables[:size], self.kv_lens[:size],
                                     self.windows, self.page_size, self.scale, self.num_splits[size], shared)
         return self.model.model(self.inputs[0, :size][None], self.inputs[1, :size][None], ctx)[0]

@@ -9,8 +9,8 @@ a radix tree of cached prefixes and only its unmatched suffix is computed; the n
 a prompt share its KV (one prefill, then a fork); finished sequences stay cached, so
 continuing a prompt + partial completion costs at most one page of prefill.
 
-Attention backends: "triton" (the kernels in kernels/: paged decode with split-K, shared-prefix
-decode for sibling groups, paged extend; the default on CUDA) and "torch" (the SDPA reference,
+Attention backends: "triton" (the kernels in kernels/: paged decode with split-K, the cascade
+that reads shared prefixes once, paged extend; the default on CUDA) and "torch" (the SDPA reference,
 the default elsewhere). On CUDA with Triton, decode-only steps replay CUDA graphs
 (engine/runtime/cuda_graphs.py).
 """
@@ -58,8 +58,9 @@ class Engine:
     runs the same static-buffer, padded path eagerly (what the CPU tests check). Graphs
     reserve a page or two of the pool as scratch space for padding rows.
     shared_prefix_min_tokens: decode rows next to each other in the batch that share at
-    least this many leading KV tokens (whole pages) form a sibling group whose prefix the
-    triton backend reads once per group; None turns sibling groups off.
+    least this many leading KV tokens (whole pages) have that range read once for all of
+    them by the triton backend (nested: an episode's prompt, then each state's prefix;
+    engine/runtime/batch.py `cascade_layout`); None turns the sharing off.
     """
 
     def __init__(
@@ -284,12 +285,12 @@ class Engine:
             self.pool.copy_slots(dev["copy_before_src"], dev["copy_before_dst"])
         meta = StepBatch(**{k: dev.get(k, v) for k, v in vars(host).items()})
         ids = dev["input_ids"]
-        self.attention_stats.record(host, self.page_size)
         if self.attention_backend == "triton":
             hidden = self._triton_forward(host, meta, ids)
         else:
             ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows, self.page_size)
             hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
+        self.attention_stats.record(host, self.page_size)  # host counting while the device runs the step
         if "copy_after_src" in dev:
             self.pool.copy_slots(dev["copy_after_src"], dev["copy_after_dst"])
         self.scheduler.after_forward(sched)

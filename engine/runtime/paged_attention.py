@@ -57,15 +57,15 @@ class AttentionStats:
             self.shared_prefix_rows += batch.grouped_rows
 
     @property
-    def read_over_ideal(self) -> float:
-        """KV positions read / the ideal (1.0 is the bound; nan before any decode step)."""
-        return self.kv_tokens_read / self.kv_tokens_ideal if self.kv_tokens_ideal else float("nan")
+    def read_over_ideal(self) -> float | None:
+        """KV positions read / the ideal (1.0 is the bound; None before any decode step)."""
+        return self.kv_tokens_read / self.kv_tokens_ideal if self.kv_tokens_ideal else None
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:
             setattr(self, f, 0)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return {**{f: getattr(self, f) for f in self.__dataclass_fields__}, "read_over_ideal": self.read_over_ideal}
 
 

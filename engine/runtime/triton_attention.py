@@ -69,7 +69,7 @@ class StaticDecodeAttention:
     """Decode-only attention context over fixed buffers, for CUDA-graph capture and replay.
 
     Every tensor it reads (slot_mapping [B], page_tables [B, M], kv_lens [B], and with `shared`
-    the cascade's segments [B, 5] and suffix_starts [B]) is a static buffer that the caller
+    = (segments [B, 5], suffix_starts [B], levels, prefix splits) the cascade's) is a static buffer that the caller
     refills before each replay; kernel grids and split counts depend only on B, M, the level
     count and the model, never on the values, so a captured graph stays valid. Layers with a
     sliding window always take the plain decode kernel.
@@ -77,7 +77,7 @@ class StaticDecodeAttention:
 
     def __init__(self, pool: KVPool, slot_mapping: torch.Tensor, page_tables: torch.Tensor, kv_lens: torch.Tensor,
                  windows: Seq[int | None], page_size: int, scale: float, num_splits: int,
-                 shared: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+                 shared: tuple[torch.Tensor, torch.Tensor, int, int] | None = None):
         self.pool, self.slot_mapping, self.page_tables, self.kv_lens = pool, slot_mapping, page_tables, kv_lens
         self.windows, self.page_size, self.scale, self.num_splits = windows, page_size, scale, num_splits
         self.shared = shared
@@ -87,9 +87,9 @@ class StaticDecodeAttention:
         store_kv(k[0], v[0], kc, vc, self.slot_mapping)
         window = self.windows[layer]
         if self.shared is not None and window is None:
-            segments, suffix_starts, levels = self.shared
+            segments, suffix_starts, levels, prefix_splits = self.shared
             out = cascade_decode_attention(q[0], kc, vc, self.page_tables, self.kv_lens, self.page_size, self.scale,
-                                           segments, suffix_starts, levels, prefix_splits=1,
+                                           segments, suffix_starts, levels, prefix_splits=prefix_splits,
                                            suffix_splits=self.num_splits)
         else:
             out = decode_attention(q[0], kc, vc, self.page_tables, self.kv_lens, self.page_size, self.scale,

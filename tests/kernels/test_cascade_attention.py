@@ -170,11 +170,24 @@ def test_each_shared_range_is_streamed_by_one_program_per_kv_head(monkeypatch):
     assert grids == [(len(segments), 2, 1)] and len(segments) == 5  # P, S1, S2, S3, E2 (not the loner)
 
 
-def test_no_segments_is_plain_decode():
-    a, _, _ = make_tree({"A": (None, 5)}, [("A", 3)], 1, 2, 16, 4)
-    got = cascade(**a, segments=torch.zeros(0, 5, dtype=torch.int32), suffix_starts=torch.zeros(1, dtype=torch.int32),
-                  num_levels=0)
+@pytest.mark.parametrize("fn", [cascade, cascade_reference], ids=["public", "reference"])
+@pytest.mark.parametrize("levels", [0, 2])
+def test_no_segments_is_plain_decode(fn, levels):
+    a, _, _ = make_tree({"A": (None, 5)}, [("A", 3), ("A", 1)], 1, 2, 16, 4)
+    got = fn(**a, segments=torch.zeros(0, 5, dtype=torch.int32), suffix_starts=torch.zeros(2, dtype=torch.int32),
+             num_levels=levels)
     torch.testing.assert_close(got, plain(a), atol=1e-6, rtol=0)
+
+
+def test_unvalidated_garbage_segments_stay_inside_memory():
+    """The launcher without validation (as on CUDA): every segment field is clamped in the kernel."""
+    a, paths, ends = make_tree(NODES, ROWS, 1, 2, 16, 4)
+    big = 10 ** 9
+    garbage = torch.tensor([[5, 1000, -7, big, 99], [-3, 2, big, -big, -1], [2, 1, 0, 12, 0]], dtype=torch.int32)
+    suffix = torch.tensor([big, -5, 3], dtype=torch.int32)
+    args = [a[k] for k in ("q", "k_cache", "v_cache", "page_table", "kv_lens", "page_size", "scale")]
+    out = sp._cascade_triton(*args, garbage, suffix, 2, 2, 1, da._default_config(a["q"].device))
+    assert out.shape == a["q"].shape and bool(torch.isfinite(out).all())
 
 
 # ------------------------------------------------------------------ bad input

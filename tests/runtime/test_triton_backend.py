@@ -92,9 +92,16 @@ def test_only_leading_equal_pages_are_shared():
 
 
 def test_a_shared_page_holding_the_current_token_is_refused():
-    # Both rows would write position 2 into slot 3 * 4 + 2: the scheduler must never do this.
-    with pytest.raises(RuntimeError, match="shares its current token's page"):
-        cascade_layout(_t([[3], [3]]), _t([3, 3]), page_size=4, min_prefix_tokens=1)
+    # Both rows would write position 2 into slot 3 * 4 + 2: the scheduler must never do this,
+    # even where the sharing is too short to be read once or deeper than the levels kept.
+    for min_tokens, max_levels in ((1, 8), (8, 8), (1, 1)):
+        with pytest.raises(RuntimeError, match="shares its current token's page"):
+            cascade_layout(_t([[3], [3]]), _t([3, 3]), page_size=4, min_prefix_tokens=min_tokens,
+                           max_levels=max_levels)
+    with pytest.raises(RuntimeError, match="decode row 1 .*shares its current token's page"):
+        cascade_layout(_t([[1, 2], [1, 3], [1, 3]]), _t([8, 7, 7]), page_size=4, min_prefix_tokens=1, max_levels=1)
+    with pytest.raises(ValueError, match="max_levels must be >= 1, got 0"):
+        cascade_layout(_t([[1, 2], [1, 3]]), _t([8, 8]), page_size=4, min_prefix_tokens=1, max_levels=0)
 
 
 def test_step_metadata_of_mixed_decode_and_extend_rows():
