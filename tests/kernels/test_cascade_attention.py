@@ -12,9 +12,10 @@ from __future__ import annotations
 import importlib
 import math
 
-import numpy as np
 import pytest
 import torch
+
+from test_shared_prefix_attention import oracle, plain  # the float64 oracle and plain decode (same folder)
 
 da = importlib.import_module("kernels.decode_attention")
 sp = importlib.import_module("kernels.shared_prefix_attention")
@@ -80,23 +81,6 @@ def tree_segments(paths, ends):
         segments.append((members[0], members[-1] + 1, parent_end, ends[n], depth))
     levels = 1 + max(s[4] for s in segments)
     return torch.tensor(sorted(segments), dtype=torch.int32), torch.tensor(suffix, dtype=torch.int32), levels
-
-
-def oracle(q, k_cache, v_cache, page_table, kv_lens, page_size, scale, **_):
-    """float64 attention of each row over [0, kv_len) through its OWN page table."""
-    b, hq, d = q.shape
-    group = hq // k_cache.shape[1]
-    out = torch.zeros(b, hq, d, dtype=torch.float64)
-    for i in range(b):
-        slots = [int(page_table[i, p // page_size]) * page_size + p % page_size for p in range(int(kv_lens[i]))]
-        for h in range(hq):
-            k, v = k_cache[slots, h // group].double(), v_cache[slots, h // group].double()
-            out[i, h] = torch.softmax((k @ q[i, h].double()) * scale, 0) @ v
-    return out
-
-
-def plain(a):
-    return da.decode_attention(*(a[k] for k in ("q", "k_cache", "v_cache", "page_table", "kv_lens", "page_size", "scale")))
 
 
 # An episode: prompt P; states S1 (P + 7), S2 (S1 + 9), S3 (S2 + 5), each with rollouts; a second
