@@ -351,14 +351,37 @@ def extract_gsm8k_answer(text: str) -> Fraction | None:
     return Fraction(found)
 
 
-def gsm8k_correct(response: str, gold: str) -> bool:
-    """Whether the response's final number equals the gold number (exact, after cleaning).
+GSM8K_GRADING = ("strict", "lenient")  # the modes of gsm8k_correct and the gsm8k task
+
+
+def strict_gsm8k_answer(text: str) -> str | None:
+    """The reference's GSM8K answer: the text after the last `####`, stripped, commas removed,
+    lowercased; None without `####`. No number parsing, so `18.0`, `$18`, `18 apples` stay as
+    written (and then differ from a gold `18`)."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "").lower()
+
+
+def gsm8k_correct(response: str, gold: str, strict: bool = False) -> bool:
+    """Whether the response's final answer equals the gold answer.
 
     gold is the answer (`"1,200"`) or a reference solution ending in `#### 1200`.
+    strict=True is the VinePPO reference rule (`strict_gsm8k_answer` of both, compared as
+    exact strings; a response without `####` is wrong). strict=False (lenient) compares
+    numbers: the number after the last `####`, else the last number of the response, with
+    commas and currency signs dropped, so `#### $18.0` and `So she has 18 apples.` match 18.
     """
     target = extract_gsm8k_answer(gold)
     if target is None:
         raise ValueError(f"gold answer has no number: {gold!r}")
+    if strict:
+        # A bare gold number ("1,200") is its own answer text; a solution's is after its ####.
+        gold_text = strict_gsm8k_answer(gold)
+        if gold_text is None:
+            gold_text = gold.strip().replace(",", "").lower()
+        pred_text = strict_gsm8k_answer(response)
+        return pred_text is not None and pred_text == gold_text
     pred = extract_gsm8k_answer(response)
     return pred is not None and pred == target
 

@@ -135,6 +135,32 @@ def test_gsm8k_grader():
         gsm8k_correct("#### 72", "seventy-two")
 
 
+@pytest.mark.parametrize("response", [
+    "So she has 18 apples.",  # no ####
+    "#### 18.0",  # a different string for the same number
+    "#### $18",
+    "#### 18 apples",
+    "#### 1 8",
+    "18\n####",  # nothing after the last ####
+])
+def test_gsm8k_strict_rejects_what_lenient_accepts(response):
+    """The reference rule compares the text after the last #### as a string, no number parsing."""
+    assert gsm8k_correct(response, "18", strict=True) is False
+    if response != "#### 1 8" and not response.endswith("####"):
+        assert gsm8k_correct(response, "18") is True  # lenient = the numeric comparison
+
+
+def test_gsm8k_strict_accepts_the_reference_forms():
+    assert gsm8k_correct("4 + 14 = 18\n#### 18", "18", strict=True)
+    assert gsm8k_correct("####   18  \n", "18", strict=True)  # stripped
+    assert gsm8k_correct("#### 1,200", "1200", strict=True)  # commas removed
+    assert gsm8k_correct("#### 1200", "1,200", strict=True)  # also from a bare gold
+    assert gsm8k_correct("#### 7\n#### 18", "18", strict=True)  # the last ####
+    assert not gsm8k_correct("#### 18\n#### 7", "18", strict=True)
+    assert gsm8k_correct("#### 72", "Natalia sold 24 in May.\n#### 72", strict=True)  # gold as a solution
+    assert not gsm8k_correct("#### -18", "18", strict=True)
+
+
 @pytest.mark.parametrize("hostile", [
     "\\boxed{9^{9^{9^{9}}}-1}",
     "\\boxed{10^{10^{10^{10}}}}",

@@ -57,6 +57,31 @@ def test_gsm8k_from_samples():
     assert task.reward("#### 73", first) == 0.0
 
 
+def test_gsm8k_grading_modes():
+    item = Item(id="x", question="q", answer="18")
+    strict, lenient = load_task("gsm8k", data="sample", grading="strict"), load_task("gsm8k", data="sample")
+    assert lenient.grading == "lenient"
+    for response in ("So she has 18 apples.", "#### 18.0", "#### $18", "#### 18 apples"):
+        assert strict.reward(response, item) == 0.0
+        assert lenient.reward(response, item) == 1.0
+    assert strict.reward("6 * 3 = 18\n#### 18", item) == 1.0
+    for item in strict.items("test"):  # every reference solution passes the strict rule too
+        assert strict.reward(" " + item.solution, item) == 1.0
+
+
+def test_gsm8k_unknown_grading_names_the_allowed_modes():
+    with pytest.raises(ValueError, match="unknown grading 'exact'; allowed: strict, lenient"):
+        load_task("gsm8k", data="sample", grading="exact")
+
+
+def test_gsm8k_preset_grades_strictly():
+    import yaml
+
+    preset = yaml.safe_load((SAMPLE_DIR.parents[1] / "presets" / "gsm8k.yaml").read_text())
+    assert preset["task"] == "gsm8k" and preset["task_args"] == {"grading": "strict"}
+    assert load_task(preset["task"], data="sample", **preset["task_args"]).grading == "strict"
+
+
 def test_math_from_samples():
     task = load_task("math", data="sample")
     items = task.items("test")
