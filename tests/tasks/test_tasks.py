@@ -291,3 +291,56 @@ def test_arithmetic_bad_knobs():
         ArithmeticTask(steps=1, max_operand=1, ops="+", n_train=100, n_test=2).items("train")
     with pytest.raises(TypeError):
         load_task("arithmetic", question_field="q")
+
+
+# ------------------------------------------------------------------- MATH train split file
+
+def _math_rows():
+    return [
+        {"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "answer": "2", "level": "Level 1",
+         "type": "Algebra", "unique_id": "train/algebra/1.json"},
+        {"problem": "What is $2+3$?", "solution": "So $2+3=\\boxed{5}$."},  # only the required fields
+        {"problem": "Simplify $\\frac{2}{4}$.", "solution": "It is $\\boxed{\\frac{2}{4}}$.", "answer": "\\frac{1}{2}",
+         "subject": "Prealgebra"},  # PRM800K names it subject: extra fields are ignored
+    ]
+
+
+def test_math_train_file_gives_the_train_split(tmp_path):
+    path = write_jsonl(tmp_path / "math_12k.jsonl", _math_rows())
+    task = load_task("math", data="sample", train_file=str(path))
+    train = task.items("train")
+    assert [i.answer for i in train] == ["2", "5", "\\frac{1}{2}"]  # `answer` wins over the box
+    assert [i.id for i in train] == ["train/algebra/1.json", "math-train-1", "math-train-2"]
+    assert train[0].question == "What is $1+1$?" and train[1].solution == "So $2+3=\\boxed{5}$."
+    assert task.reward("so \\boxed{2}", train[0]) == 1.0
+    assert len(task.items("test")) == 32  # the test split is untouched
+
+
+def test_math_default_train_is_the_lighteval_hub_set():
+    assert load_task("math").sources["train"] == ("DigitalLearningGmbH/MATH-lighteval", "default")
+
+
+@pytest.mark.parametrize("field", ["problem", "solution"])
+def test_math_train_file_missing_field_names_file_and_field(tmp_path, field):
+    rows = _math_rows()
+    del rows[1][field]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    task = load_task("math", data="sample", train_file=path)
+    with pytest.raises(TaskDataError, match=re.escape(f"{path} line 2: missing field {field!r}")):
+        task.items("train")
+
+
+def test_math_train_file_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_file not found: .*nope.jsonl"):
+        load_task("math", data="sample", train_file=tmp_path / "nope.jsonl")
+    parquet = tmp_path / "x.parquet"
+    parquet.write_text("")
+    with pytest.raises(TaskDataError, match="must be a .jsonl file"):
+        load_task("math", data="sample", train_file=parquet)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "p", "solution": "\\\\boxed{1}"}\n{not json\n')
+    with pytest.raises(TaskDataError, match="broken.jsonl line 2: not valid JSON"):
+        load_task("math", data="sample", train_file=broken).items("train")
+    empty = write_jsonl(tmp_path / "empty_solution.jsonl", [{"problem": "p", "solution": " "}])
+    with pytest.raises(TaskDataError, match="line 1: field 'solution' is empty"):
+        load_task("math", data="sample", train_file=empty).items("train")
