@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from engine.rl.loss import Aggregation, KLEstimator
+from engine.rl.optim import WARMUP_TYPES
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
@@ -53,7 +54,7 @@ class TrainConfig:
     # ---- VinePPO Monte Carlo values
     k: int = 9                         # rollouts per state
     mc_max_new_tokens: int | None = None  # None = max_new_tokens (a fresh budget per rollout)
-    max_states_per_response: int | None = None  # cap; states past it are back-filled with the return
+    max_states_per_response: int | None = None  # cap on valued states, the prompt's included; later ones are back-filled with the return
     step_split: str = "task"           # task (the task's step style) | newline | math | chunks
     chunk_tokens: int = 100            # step length for step_split = chunks
     # ---- PPO critic (algo = ppo)
@@ -70,6 +71,7 @@ class TrainConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    warmup_type: str = "linear"        # linear | log (DeepSpeed WarmupDecayLR's default: the reference's)
     grad_clip: float = 1.0
     adam_betas: tuple = (0.9, 0.999)
     clip_low: float = 0.2
@@ -162,6 +164,8 @@ class TrainConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_type not in WARMUP_TYPES:
+            raise ConfigError(f"warmup_type must be one of {WARMUP_TYPES}, got {self.warmup_type!r}")
         if self.eval_temperature < 0:
             raise ConfigError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
         if self.kl_estimator not in get_args(KLEstimator):

@@ -83,12 +83,23 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
-def warmup_linear_decay(total_steps: int, warmup_ratio: float):
-    """LambdaLR factor: linear warmup over warmup_ratio of the steps, then linear decay to 0."""
+WARMUP_TYPES = ("linear", "log")
+
+
+def warmup_linear_decay(total_steps: int, warmup_ratio: float, warmup_type: str = "linear"):
+    """LambdaLR factor: warmup over warmup_ratio of the steps, then linear decay to 0.
+
+    warmup_type "linear": (step + 1) / warmup. "log": log(step + 1) / log(warmup), DeepSpeed's
+    WarmupDecayLR default and so the VinePPO reference's schedule (its first step runs at lr 0).
+    """
+    if warmup_type not in WARMUP_TYPES:
+        raise ValueError(f"warmup_type must be one of {WARMUP_TYPES}, got {warmup_type!r}")
     warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
+            if warmup_type == "log":
+                return math.log(step + 1) / math.log(warmup) if warmup > 1 else 1.0
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 

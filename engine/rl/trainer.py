@@ -60,12 +60,17 @@ class TrainingDiverged(RuntimeError):
 class ValueModel(nn.Module):
     """PPO's critic: a transformer body (initialised from the policy) and a scalar value head."""
 
-    def __init__(self, body: Transformer):
+    def __init__(self, body: Transformer, seed: int = 0):
         super().__init__()
         self.body = body
         w = body.lm_head_weight
-        self.head = nn.Linear(body.config.hidden_size, 1, device=w.device, dtype=torch.float32)
-        nn.init.zeros_(self.head.weight)
+        hidden = body.config.hidden_size
+        self.head = nn.utils.skip_init(nn.Linear, hidden, 1, device=w.device, dtype=torch.float32)
+        # The reference's value head: weights N(0, 1 / sqrt(hidden + 1)), bias 0, drawn from
+        # a generator of its own (the run's random stream is not moved).
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, hidden, generator=gen) / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
 
     def forward(self, ids: torch.Tensor, cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -176,15 +181,16 @@ class Trainer:
         if cfg.algo == "ppo":
             body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
             body.gradient_checkpointing = cfg.gradient_checkpointing
-            self.critic = ValueModel(body)
+            self.critic = ValueModel(body, seed=cfg.seed)
         self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
         self.opt = AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(total, cfg.warmup_ratio))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(total, cfg.warmup_ratio,
+                                                                                       cfg.warmup_type))
         if self.critic is not None:
             self.critic_opt = AdamW(self.critic.parameters(), lr=cfg.critic_lr or cfg.lr, betas=cfg.adam_betas)
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
-                self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio))
+                self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio, cfg.warmup_type))
         # The Engine holds the policy module itself: same parameter tensors, no copy.
         self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
                              max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
@@ -466,9 +472,11 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
                                        f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+            if self.critic is not None:  # the critic trains on every micro-batch, as in the reference
+                totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
             if cfg.skip_ratio_above is not None and float(st.ratio_mean) > cfg.skip_ratio_above:
                 totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
-                continue  # VinePPO's guard: far off-policy, its gradient would be noise
+                continue  # VinePPO's guard: far off-policy, its policy gradient would be noise
             loss.backward()
             share = mask.sum().item() / num_tokens
             for k, v in st.scalars().items():
@@ -478,8 +486,6 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + v
                 else:  # token means of this micro-batch -> token mean of the minibatch
                     totals[k] = totals.get(k, 0.0) + v * share
-            if self.critic is not None:
-                totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "

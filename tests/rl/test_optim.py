@@ -1,6 +1,8 @@
 """The trainer's AdamW: textbook on fp32, no lost small steps on bf16; the LR schedule."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -60,3 +62,14 @@ def test_warmup_then_linear_decay():
     assert f(100) == 0.0
     g = warmup_linear_decay(10, 0.0)
     assert g(0) == 1.0 and g(5) == pytest.approx(0.5)
+
+
+def test_log_warmup_is_deepspeeds_then_linear_decay():
+    f = warmup_linear_decay(100, 0.1, "log")  # 10 warmup steps
+    assert f(0) == 0.0  # log(1): the reference's first step runs at lr 0
+    assert f(4) == pytest.approx(math.log(5) / math.log(10))
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == 1.0 and f(55) == pytest.approx(0.5) and f(100) == 0.0
+    assert warmup_linear_decay(100, 0.005, "log")(0) == 1.0  # one warmup step: nothing to ramp
+    with pytest.raises(ValueError, match=r"warmup_type must be one of \('linear', 'log'\), got 'cosine'"):
+        warmup_linear_decay(100, 0.1, "cosine")

@@ -261,6 +261,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
       "whiten_advantages": True}, "Dr.GRPO .* set whiten_advantages: false \\(got True\\)"),
     ({"kv_memory_fraction": 0.0}, "kv_memory_fraction must be in \\(0, 1\\]"),
     ({"skip_ratio_above": 1.0}, "skip_ratio_above must be > 1"),
+    ({"warmup_type": "cosine"}, "warmup_type must be one of \\('linear', 'log'\\), got 'cosine'"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -318,6 +319,49 @@ def test_far_off_policy_micro_batches_are_skipped(tmp_path, monkeypatch):
     # 2 epochs x 2 minibatches x 2 micro-batches, averaged per minibatch step
     assert row["skipped_micro_batches"] == 2.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+
+
+def test_a_skipped_micro_batch_still_trains_the_critic(tmp_path, monkeypatch):
+    # As in the reference, the ratio guard skips only the policy's gradient.
+    trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, kl_coef=0.0))
+    real = trainer._token_logprobs
+
+    def inflated(model, packed, with_entropy=False):
+        out = real(model, packed, with_entropy)
+        return out + 5.0 if torch.is_grad_enabled() and not with_entropy else out
+
+    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+    policy = [p.detach().clone() for p in trainer.policy.parameters()]
+    head = trainer.critic.head.weight.detach().clone()
+    row = trainer.train_iteration()
+    assert row["skipped_micro_batches"] == 2.0 and row["value_loss"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(policy, trainer.policy.parameters()))
+    assert not torch.equal(head, trainer.critic.head.weight)
+
+
+def test_value_head_starts_as_the_references(tmp_path):
+    import math
+
+    from engine.rl.trainer import ValueModel
+
+    trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, seed=3))
+    hidden = trainer.policy.config.hidden_size
+    want = torch.randn(1, hidden, generator=torch.Generator().manual_seed(3)) / math.sqrt(hidden + 1)
+    assert torch.equal(trainer.critic.head.weight.cpu(), want) and not trainer.critic.head.bias.any()
+    state = torch.random.get_rng_state()
+    ValueModel(trainer.policy, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())  # the run's random stream is untouched
+
+
+def test_gsm8k_preset_values_the_prompt_and_25_step_states(tmp_path):
+    from engine.rl.rollout import state_boundaries
+
+    cfg = load_config("gsm8k", {"model": str(tmp_path)})
+    ep = Episode(group=0, item=None, prompt_ids=[1], response_ids=list(range(40)), text="", finish_reason="stop",
+                 reward=1.0, step_ends=list(range(1, 31)))  # 30 steps
+    bounds = state_boundaries(ep, cfg.max_states_per_response)
+    assert bounds == [0] + list(range(1, 26))  # the reference's max_step_for_value_estimation: 25
+    assert cfg.warmup_type == "log"
 
 
 def test_ppo_critic_trains_in_training_mode(tmp_path, monkeypatch):
