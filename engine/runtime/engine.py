@@ -25,6 +25,7 @@ from typing import Sequence as Seq
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.cache import PageAllocator, RadixTree
@@ -41,6 +42,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_DEFAULT_KV_TOKENS = 1 << 16
 CPU_MAX_KV_BYTES = 1 << 30
 _warned: set[str] = set()
+_mm_out_dtype = True  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
 
 
 class Engine:
@@ -224,8 +226,8 @@ class Engine:
         t3 = time.perf_counter()
         tokens, logprobs = [], None
         if sched.samplers:
-            hidden = hidden if sched.decode_only else hidden[dev["sample_index"]]
-            tokens, logprobs = sample(hidden @ self.model.lm_head_weight.T, sampling)
+            hidden = hidden if sched.decode_only else hidden[dev["sample_index"]]  # the sampling rows only
+            tokens, logprobs = sample(lm_head_logits(hidden, self.model.lm_head_weight), sampling)
         t4 = time.perf_counter()
         finished = self._postprocess(sched.samplers, tokens, logprobs)
         t5 = time.perf_counter()
@@ -400,6 +402,27 @@ class Engine:
         params = list(self.model.parameters())
         firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in params]).cpu()
         return sum(p._version for p in params), firsts
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [N, V] = hidden [N, d] @ weight [V, d].T with fp32 accumulation, as the loss computes them.
+
+    The trainer's log-probs (kernels/fused_logprobs.py) accumulate the input dtype's products
+    in fp32 and never round the logits to bf16; sampling from bf16-rounded logits would draw
+    from a different distribution than the one trained (and return different log-probs).
+    On CUDA with a half-precision weight, one GEMM with fp32 output (no fp32 copy of the
+    weight); elsewhere both operands in fp32 (a no-op cast for an fp32 model).
+    """
+    global _mm_out_dtype
+    if weight.dtype == torch.float32:
+        return F.linear(hidden.float(), weight)
+    if weight.is_cuda and _mm_out_dtype:
+        try:
+            return torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch < 2.8, or a dtype it lacks
+            _mm_out_dtype = False
+            _warn_once("torch.mm(out_dtype=float32) is unavailable: the LM head casts its weight to fp32 each step")
+    return F.linear(hidden.float(), weight.float())
 
 
 def _copy_indices(copies: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:

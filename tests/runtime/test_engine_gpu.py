@@ -109,3 +109,16 @@ def test_triton_backend_in_bf16_picks_the_dense_models_top_tokens(save_hf):
         logits = model(ids)[0, len(prompt) - 1:-1].float()  # the logits each generated token was picked from
         chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
         assert bool((chosen >= logits.max(-1).values - 0.25).all()), (chosen - logits.max(-1).values).min()
+
+
+@torch.no_grad()
+def test_lm_head_logits_on_cuda_are_fp32_accumulated():
+    """The CUDA path (one GEMM with fp32 output, no fp32 weight copy) equals the fp64 product within fp32 round-off."""
+    from engine.runtime.engine import lm_head_logits
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 512, generator=g).bfloat16().cuda()
+    weight = torch.randn(4096, 512, generator=g).bfloat16().cuda()
+    logits = lm_head_logits(hidden, weight)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, (hidden.double() @ weight.double().T).float(), atol=1e-4, rtol=1e-5)
