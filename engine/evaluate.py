@@ -2,6 +2,10 @@
 
     python -m engine.evaluate --model runs/demo/final --task arithmetic --n 16 --temperature 0.35
     python -m engine.evaluate --model DIR --task gsm8k --data test.jsonl --limit 200
+    python -m engine.evaluate --run-dir runs/demo --limit 200   # every checkpoint of a run, as a table
+
+GSM8K and MATH default to the VinePPO paper's protocol: 16 samples at T 0.35, top-p 0.9, up to
+1024 new tokens, majority vote over the samples (other tasks: top-p 1.0, 512 tokens).
 
 For every item, n samples; reports pass@1 (mean reward over the n samples, averaged over
 items), majority-vote accuracy (the most frequent final answer among finished samples is
@@ -25,6 +29,10 @@ from engine.tasks.grading import extract_gsm8k_answer, extract_math_answer, norm
 
 # VinePPO stops its MATH/GSM8K samples where the model starts a new few-shot problem.
 STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",), "arithmetic": ()}
+# Sampling defaults per task: the paper's evaluation protocol for its datasets (n and T are 16 and
+# 0.35 for every task); 1024 tokens do not truncate MATH solutions the way 512 did.
+PROTOCOL = {"gsm8k": dict(top_p=0.9, max_new_tokens=1024), "math": dict(top_p=0.9, max_new_tokens=1024)}
+DEFAULT_PROTOCOL = dict(top_p=1.0, max_new_tokens=512)
 
 
 def final_answer(task: Task, response: str) -> str | None:
@@ -37,14 +45,19 @@ def final_answer(task: Task, response: str) -> str | None:
 
 
 def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: str = "test", n: int = 16,
-             temperature: float = 0.35, top_p: float = 1.0, max_new_tokens: int = 512, limit: int | None = None,
+             temperature: float = 0.35, top_p: float | None = None, max_new_tokens: int | None = None,
+             limit: int | None = None,
              seed: int = 0, out: str | None = None, device: str | None = None, dtype: str | None = None,
              kv_cache_tokens: int | None = None, task_args: dict | None = None) -> dict:
     """Run the evaluation and write the report; returns it.
 
     task_args: keyword options of the task (e.g. the arithmetic knobs a training run used,
     found in its config.yaml), so a checkpoint is scored on the distribution it trained on.
+    top_p / max_new_tokens: None takes the task's protocol (`PROTOCOL`).
     """
+    protocol = PROTOCOL.get(task_name, DEFAULT_PROTOCOL)
+    top_p = protocol["top_p"] if top_p is None else top_p
+    max_new_tokens = protocol["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if limit is not None and limit < 1:
@@ -107,10 +120,48 @@ def merge_task_args(task_args: dict | None, data: str | None) -> dict:
     return options
 
 
+def checkpoints_of(run_dir: str | Path) -> list[Path]:
+    """A run's model folders in training order: checkpoints/iter_* then final/ (those that exist)."""
+    root = Path(run_dir)
+    if not (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{root} is not a training run directory (no config.yaml)")
+    found = sorted(p for p in (root / "checkpoints").glob("iter_*") if p.is_dir() and not p.name.startswith("."))
+    if (root / "final").is_dir():
+        found.append(root / "final")
+    if not found:
+        raise FileNotFoundError(f"{root} has no checkpoints (checkpoints/iter_* or final/) to evaluate")
+    return found
+
+
+def evaluate_run(run_dir: str, *, task_name: str | None = None, task_args: dict | None = None, **kwargs) -> dict:
+    """Score every checkpoint of a run (its task and task_args from config.yaml unless given);
+    writes <run_dir>/eval-<task>-<split>-checkpoints.json and returns it."""
+    import yaml
+
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) if Path(run_dir).is_dir() else None
+    paths = checkpoints_of(run_dir)
+    task_name = task_name or config["task"]
+    if task_args is None:
+        task_args = config.get("task_args") or {}
+    split = kwargs.get("split", "test")
+    rows = []
+    for path in paths:
+        report = evaluate(str(path), task_name, task_args=task_args,
+                          out=str(Path(run_dir) / "eval" / f"{path.name}-{task_name}-{split}.json"), **kwargs)
+        rows.append({"checkpoint": path.name, **report["metrics"], "items": report["items"]})
+    table = {"run_dir": str(run_dir), "task": task_name, "task_args": task_args, "split": split, "rows": rows}
+    out = Path(run_dir) / f"eval-{task_name}-{split}-checkpoints.json"
+    out.write_text(json.dumps(table, indent=2))
+    table["path"] = str(out)
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder (Hugging Face layout)")
-    ap.add_argument("--task", required=True, help="gsm8k | math | arithmetic")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="checkpoint folder (Hugging Face layout)")
+    which.add_argument("--run-dir", help="a training run: score every checkpoint (iter_* and final) as a table")
+    ap.add_argument("--task", default=None, help="gsm8k | math | arithmetic (with --run-dir: the run's task)")
     ap.add_argument("--data", default=None, help="local json/jsonl/parquet file, 'sample', or a hub dataset name")
     ap.add_argument("--task-args", default=None, type=parse_task_args,
                     help="task options as a YAML mapping, e.g. '{steps: [2, 3], max_operand: 10}' (a training "
@@ -118,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.35)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--top-p", type=float, default=None, help="default: 0.9 for gsm8k/math (the paper), else 1.0")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 1024 for gsm8k/math, else 512")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -127,10 +178,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     args = ap.parse_args(argv)
-    report = evaluate(args.model, args.task, data=args.data, split=args.split, n=args.n,
-                      temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, seed=args.seed, out=args.out, device=args.device, dtype=args.dtype,
-                      kv_cache_tokens=args.kv_cache_tokens, task_args=args.task_args)
+    common = dict(data=args.data, split=args.split, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                  max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed, device=args.device,
+                  dtype=args.dtype, kv_cache_tokens=args.kv_cache_tokens)
+    if args.run_dir is not None:
+        if args.out is not None:
+            ap.error("--out applies to --model; --run-dir writes <run-dir>/eval-<task>-<split>-checkpoints.json")
+        try:
+            table = evaluate_run(args.run_dir, task_name=args.task, task_args=args.task_args, **common)
+        except FileNotFoundError as e:
+            ap.error(str(e))
+        keys = [k for k in table["rows"][0] if k not in ("checkpoint", "items")]
+        print(f"{table['task']} ({table['split']}, {table['rows'][0]['items']} items): {args.run_dir}")
+        print(f"{'checkpoint':<14}" + "".join(f"{k:>10}" for k in keys))
+        for r in table["rows"]:
+            print(f"{r['checkpoint']:<14}" + "".join(f"{r[k]:>10.4f}" for k in keys))
+        print(f"-> {table['path']}")
+        return table
+    if args.task is None:
+        ap.error("--task is required with --model")
+    report = evaluate(args.model, args.task, out=args.out, task_args=args.task_args, **common)
     m = report["metrics"]
     print(f"{report['task']} ({report['split']}, {report['items']} items, n={report['n']}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items()) + f"  -> {report['path']}")

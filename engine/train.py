@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     evals = [r for r in rows if "eval_accuracy" in r]
     summary = {
         "algo": cfg.algo, "task": cfg.task, "run_dir": str(trainer.run_dir), "iterations_done": trainer.iteration,
-        "eval_items": len(trainer.eval_items),
+        "eval_items": len(next(iter(trainer.eval_sets.values()))),
         "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else None,
         "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else None,
         "eval_stderr_end": evals[-1].get("eval_stderr") if evals else None,

@@ -89,3 +89,41 @@ def test_each_item_gets_its_own_seed(model_dir, tmp_path, monkeypatch):
           "--temperature", "1.0", "--out", str(tmp_path / "r.json")])
     (params,) = seen
     assert len(params) == 5 and len({p.seed for p in params}) == 5  # a shared seed would correlate the items
+
+
+@pytest.mark.parametrize("task, top_p, max_new", [("gsm8k", 0.9, 1024), ("math", 0.9, 1024), ("arithmetic", 1.0, 512)])
+def test_sampling_defaults_follow_the_papers_protocol(model_dir, tmp_path, monkeypatch, task, top_p, max_new):
+    from engine import Engine
+    from engine.runtime.params import Completion
+
+    seen = []
+
+    def generate(self, prompts, params, progress=False):
+        seen.extend(params)
+        return [[Completion(token_ids=[1], finish_reason="stop", text="#### 0") for _ in range(p.n)] for p in params]
+
+    monkeypatch.setattr(Engine, "generate", generate)
+    report = main(["--model", str(model_dir), "--task", task, "--data", "sample", "--limit", "2",
+                   "--out", str(tmp_path / "r.json")] if task != "arithmetic" else
+                  ["--model", str(model_dir), "--task", task, "--limit", "2", "--out", str(tmp_path / "r.json")])
+    assert (report["n"], report["temperature"], report["top_p"], report["max_new_tokens"]) == (16, 0.35, top_p, max_new)
+    assert all(p.top_p == top_p and p.max_new_tokens == max_new and p.n == 16 for p in seen) and len(seen) == 2
+
+
+def test_run_dir_scores_every_checkpoint(model_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    for name in ("checkpoints/iter_000002", "checkpoints/iter_000004", "final"):
+        shutil.copytree(model_dir, run / name, ignore=shutil.ignore_patterns("eval-*"))
+    (run / "config.yaml").write_text("task: arithmetic\ntask_args: {steps: 1, max_operand: 3, n_test: 8}\n")
+    table = main(["--run-dir", str(run), "--n", "2", "--limit", "3", "--max-new-tokens", "6"])
+    assert [r["checkpoint"] for r in table["rows"]] == ["iter_000002", "iter_000004", "final"]
+    assert all(r["items"] == 3 and set(r) >= {"pass@1", "maj@2", "pass@2"} for r in table["rows"])
+    saved = json.loads((run / "eval-arithmetic-test-checkpoints.json").read_text())
+    assert saved["rows"] == table["rows"] and saved["task_args"]["max_operand"] == 3
+    printed = capsys.readouterr().out
+    assert "iter_000004" in printed and "final" in printed and "maj@2" in printed
+    with pytest.raises(SystemExit):
+        main(["--run-dir", str(tmp_path / "nope")])
+    assert "is not a training run directory (no config.yaml)" in capsys.readouterr().err

@@ -19,6 +19,8 @@ import yaml
 from engine.rl.loss import Aggregation, KLEstimator
 from engine.rl.optim import WARMUP_TYPES
 
+EVAL_SPLITS = ("test", "validation", "train")
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
 Algo = Literal["vineppo", "ppo", "grpo", "rloo"]
@@ -97,6 +99,11 @@ class TrainConfig:
     eval_samples: int = 1
     eval_temperature: float = 0.0      # 0 = greedy
     eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    eval_top_p: float = 1.0
+    # test | validation (a fixed held-out part of the train split, then never trained on) |
+    # train (a fixed subset of the train items): metrics eval_<split>_accuracy; test also as eval_accuracy
+    eval_splits: list[str] = field(default_factory=lambda: ["test"])
+    validation_items: int = 500        # size of the validation split carved from train (when evaluated)
     save_every: int = 50               # iterations between checkpoints (and at the end)
     keep_checkpoints: int = 2
     run_dir: str = "runs/default"
@@ -168,6 +175,14 @@ class TrainConfig:
             raise ConfigError(f"warmup_type must be one of {WARMUP_TYPES}, got {self.warmup_type!r}")
         if self.eval_temperature < 0:
             raise ConfigError(f"eval_temperature must be >= 0, got {self.eval_temperature}")
+        if not 0 < self.eval_top_p <= 1:
+            raise ConfigError(f"eval_top_p must be in (0, 1], got {self.eval_top_p}")
+        bad = [s for s in self.eval_splits if s not in EVAL_SPLITS] if isinstance(self.eval_splits, list) else None
+        if bad is None or bad or not self.eval_splits or len(set(self.eval_splits)) != len(self.eval_splits):
+            raise ConfigError(f"eval_splits must be a non-empty list of distinct names from {EVAL_SPLITS}, "
+                              f"got {self.eval_splits!r}")
+        if not isinstance(self.validation_items, int) or self.validation_items < 1:
+            raise ConfigError(f"validation_items must be an integer >= 1, got {self.validation_items!r}")
         if self.kl_estimator not in get_args(KLEstimator):
             raise ConfigError(f"kl_estimator must be one of {get_args(KLEstimator)}, got {self.kl_estimator!r}")
         for name in ("kl_aggregation", "loss_aggregation"):

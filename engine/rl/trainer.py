@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends a response
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl import advantages as adv_lib
-from engine.rl.config import TrainConfig, config_from_run, dump_config
+from engine.rl.config import ConfigError, TrainConfig, config_from_run, dump_config
 from engine.rl.loss import ppo_loss
 from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
@@ -155,7 +156,7 @@ class Trainer:
         self.task: Task = load_task(cfg.task, **cfg.task_args)
         self.stop = STOP_STRINGS.get(cfg.task, ())
         self.train_items: list[Item] = self.task.items("train")
-        self.eval_items: list[Item] = self.task.items("test")[: cfg.eval_items]
+        self.eval_sets: dict[str, list[Item]] = self._eval_sets()  # may carve a validation split off the train items
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -517,24 +518,75 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    def _eval_sets(self) -> dict[str, list[Item]]:
+        """The items of each evaluated split (cfg.eval_splits), fixed for the whole run.
+
+        validation: the last `validation_items` of the train items in a fixed shuffled order;
+        they are removed from `self.train_items`, so the run never trains on them. train: the
+        first `eval_items` of the (remaining) train items in another fixed order.
+        """
+        cfg = self.cfg
+        sets: dict[str, list[Item]] = {}
+        if "validation" in cfg.eval_splits:
+            order = list(self.train_items)
+            random.Random("validation-split").shuffle(order)
+            if cfg.validation_items >= len(order):
+                raise ConfigError(f"validation_items {cfg.validation_items} leaves no train item: the train split "
+                                  f"has {len(order)}")
+            held = {id(it) for it in order[-cfg.validation_items:]}
+            self.train_items = [it for it in self.train_items if id(it) not in held]
+            sets["validation"] = order[-cfg.validation_items:][: cfg.eval_items]
+        for split in cfg.eval_splits:
+            if split == "test":
+                sets["test"] = self.task.items("test")[: cfg.eval_items]
+            elif split == "train":
+                order = list(self.train_items)
+                random.Random("train-eval").shuffle(order)
+                sets["train"] = order[: cfg.eval_items]
+        return {split: sets[split] for split in cfg.eval_splits}
+
     def evaluate(self) -> dict:
-        """Held-out accuracy (mean reward over eval_samples samples per item) through the Engine."""
+        """Accuracy on each evaluated split through the Engine: the mean reward over eval_samples
+        samples per item, its standard error over items, and (n > 1) the majority-vote accuracy.
+
+        Metrics eval_<split>_accuracy / _stderr / _majority_accuracy; the first split of
+        eval_splits (test by default) is also eval_accuracy / eval_stderr / eval_majority_accuracy.
+        """
+        from engine.evaluate import final_answer
+
         cfg = self.cfg
         t0 = time.perf_counter()
         self.policy.eval()
         # Evaluation draws from its own seeded generators, so it never moves the training RNG; one
         # seed per item, so the items' samples are independent draws.
-        params = SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=1.0,
+        params = SamplingParams(n=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop,
                                 seed=cfg.seed if cfg.eval_temperature > 0 else None)
-        outs = self.engine.generate([self.task.prompt(it) for it in self.eval_items],
-                                    params.per_prompt(len(self.eval_items)), progress=self.progress and "evaluation")
-        item_means = np.array([np.mean([self.task.reward(c.text, it, c.finish_reason) for c in cs])
-                               for it, cs in zip(self.eval_items, outs)])
-        # Standard error over items (the samples of one item are not independent of each other).
-        stderr = float(item_means.std(ddof=1) / math.sqrt(len(item_means))) if len(item_means) > 1 else 0.0
-        return {"eval_accuracy": float(item_means.mean()), "eval_stderr": stderr,
-                "time_eval": round(time.perf_counter() - t0, 3)}
+        out: dict[str, float] = {}
+        for i, (split, items) in enumerate(self.eval_sets.items()):
+            outs = self.engine.generate([self.task.prompt(it) for it in items], params.per_prompt(len(items)),
+                                        progress=self.progress and f"evaluation ({split})")
+            item_means, majority = [], []
+            for it, cs in zip(items, outs):
+                rewards = [self.task.reward(c.text, it, c.finish_reason) for c in cs]
+                item_means.append(float(np.mean(rewards)))
+                # Majority vote over the finished samples' final answers; the winner's reward grades it.
+                answers = [final_answer(self.task, c.text) if c.finish_reason == "stop" else None for c in cs]
+                votes = Counter(a for a in answers if a is not None)
+                top = votes.most_common(1)[0][0] if votes else None
+                majority.append(top is not None and rewards[answers.index(top)] == 1.0)
+            means = np.array(item_means)
+            # Standard error over items (the samples of one item are not independent of each other).
+            stderr = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else 0.0
+            metrics = {"accuracy": float(means.mean()), "stderr": stderr}
+            if cfg.eval_samples > 1:
+                metrics["majority_accuracy"] = float(np.mean(majority))
+            for k, v in metrics.items():
+                out[f"eval_{split}_{k}"] = v
+                if i == 0:
+                    out[f"eval_{k}"] = v
+        out["time_eval"] = round(time.perf_counter() - t0, 3)
+        return out
 
     # ------------------------------------------------------------------ logging
     def _log(self, row: dict) -> dict:

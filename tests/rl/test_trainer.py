@@ -107,7 +107,7 @@ def test_evaluation_seeds_each_item_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.engine, "generate", spy)
     row = trainer.evaluate()
     (params,) = seen
-    assert len(params) == len(trainer.eval_items) and len({p.seed for p in params}) == len(params)
+    assert len(params) == len(trainer.eval_sets["test"]) and len({p.seed for p in params}) == len(params)
     assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["eval_stderr"] >= 0.0
     again = trainer.evaluate()  # seeded: the same weights give the same number
     assert (again["eval_accuracy"], again["eval_stderr"]) == (row["eval_accuracy"], row["eval_stderr"])
@@ -117,11 +117,48 @@ def test_eval_stderr_is_over_items(tmp_path):
     # Items alternate all-right / all-wrong: mean 0.5; the std of the 4 item means (ddof 1) is
     # 0.577, so the stderr is 0.289 (a binomial formula on 4 items would give 0.25).
     trainer = make_trainer(fast_config(tmp_path, eval_samples=3, eval_temperature=0.6))
-    right = {it.id for it in trainer.eval_items[::2]}
+    right = {it.id for it in trainer.eval_sets["test"][::2]}
     trainer.task.reward = lambda response, item, finish_reason="stop": float(item.id in right)
     row = trainer.evaluate()
     assert row["eval_accuracy"] == pytest.approx(0.5)
     assert row["eval_stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)
+
+
+def test_eval_splits_protocol_and_majority_vote(tmp_path, monkeypatch):
+    cfg = fast_config(tmp_path, eval_samples=3, eval_temperature=0.6, eval_top_p=0.9, eval_items=8,
+                      eval_splits=["test", "validation", "train"], validation_items=6)
+    trainer = make_trainer(cfg)
+    sets = trainer.eval_sets
+    assert list(sets) == ["test", "validation", "train"] and [len(v) for v in sets.values()] == [8, 6, 8]
+    held = {it.id for it in sets["validation"]}
+    assert not held & {it.id for it in trainer.train_items}  # never trained on
+    assert {it.id for it in sets["train"]} <= {it.id for it in trainer.train_items}
+    assert trainer.eval_sets["validation"] == make_trainer(cfg).eval_sets["validation"]  # fixed for the run
+    seen = []
+    # Every item: samples "#### 1", "#### 1", "#### 2", and only 2 is right: mean 1/3, majority wrong.
+    texts = iter(["#### 1", "#### 1", "#### 2"] * 100)
+    monkeypatch.setattr(trainer.task, "reward", lambda response, item, finish_reason="stop": float(response == "#### 2"))
+
+    def scripted(prompts, params, progress=False):
+        from engine.runtime.params import Completion
+        seen.append(params)
+        return [[Completion(text=next(texts), token_ids=[1], finish_reason="stop") for _ in range(p.n)]
+                for p in params]
+
+    monkeypatch.setattr(trainer.engine, "generate", scripted)
+    row = trainer.evaluate()
+    assert all(p.top_p == 0.9 and p.n == 3 and p.temperature == 0.6 for group in seen for p in group)
+    for split in ("test", "validation", "train"):
+        assert row[f"eval_{split}_accuracy"] == pytest.approx(1 / 3)
+        assert row[f"eval_{split}_majority_accuracy"] == 0.0
+    assert row["eval_accuracy"] == row["eval_test_accuracy"] and row["eval_majority_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("splits", [["dev"], [], ["test", "test"], "test"])
+def test_unknown_eval_splits_are_config_errors(tmp_path, splits):
+    with pytest.raises(ConfigError, match=r"eval_splits must be a non-empty list of distinct names from "
+                                          r"\('test', 'validation', 'train'\)"):
+        fast_config(tmp_path, eval_splits=splits)
 
 
 def test_default_preset_builds_its_task():
