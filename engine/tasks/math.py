@@ -41,7 +41,9 @@ class MathTask(DatasetTask):
         if train_file is not None:
             path = Path(train_file).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"math: train_file not found: {path}")
+                raise FileNotFoundError(
+                    f"math: train_file not found: {path} (the README's Tasks section says how to make the ~12k "
+                    "split; without train_file the task trains on the 7.5k MATH-lighteval set)")
             if path.suffix != ".jsonl":
                 raise TaskDataError(f"math: train_file must be a .jsonl file (one JSON object per line), got {path}")
             self.train_file = path
