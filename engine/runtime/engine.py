@@ -32,7 +32,7 @@ from engine.cache import PageAllocator, RadixTree
 from engine.model.transformer import Transformer
 from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, RowTable, Staging, StepBatch, build_metadata
 from engine.runtime.paged_attention import AttentionStats, KVPool, TorchPagedAttention
-from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, cut_at_stop, mix_seed
+from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, mix_seed
 from engine.runtime.sampler import SamplingBatch, counter_uniforms, host_flags, sample
 from engine.runtime.scheduler import Scheduled, Scheduler
 from engine.runtime.sequence import Sequence, Status
@@ -387,7 +387,7 @@ class Engine:
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
             if seq.finish_reason == "stop" and seq.params.stop:
-                text = cut_at_stop(text, seq.params.stop)
+                text = self.stop_matcher.cut(seq, text)  # the stop string may start in the prompt
         return Completion(
             token_ids=seq.generated, finish_reason=seq.finish_reason, text=text,
             logprobs=list(seq.logprobs) if seq.params.logprobs else None, cached_tokens=seq.cached_tokens,

@@ -14,7 +14,10 @@ class SamplingParams:
     max_new_tokens: generation stops with finish_reason "length" after this many tokens
         (or earlier, at the model's context length).
     stop_token_ids / stop: extra stop tokens and stop strings (strings need a tokenizer);
-        the EOS token stops too unless ignore_eos.
+        the EOS token stops too unless ignore_eos. Stop strings are matched in the prompt's
+        tail followed by the generated text, and a match stops only when it ends in
+        generated text: a prompt that ends with "\n\n" stops at a generated "\nProblem:"
+        for the stop string "\n\n\nProblem:", while a stop string inside the prompt never stops.
     seed: per-request seed; the i-th sample's token at position p uses the uniform
         hash(mix_seed(seed, i), p) (counter-based, engine/runtime/sampler.py), so its tokens
         do not depend on what else is batched; without a seed, each sample's key is drawn
@@ -77,10 +80,29 @@ def mix_seed(seed: int, index: int) -> int:
 FinishReason = Literal["stop", "length"]
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
-    """`text` up to (not including) the earliest of the stop strings it contains."""
-    cuts = [text.find(s) for s in stop if s in text]
-    return text[:min(cuts)] if cuts else text
+def find_stop(text: str, stop: tuple[str, ...] | list[str], boundary: int = 0) -> int:
+    """Start of the earliest stop-string match in `text` that ends past text[:boundary]; -1 if none.
+
+    A match lying entirely within text[:boundary] (prompt text, or text already checked)
+    does not count; one that starts there and ends after it does.
+    """
+    best = -1
+    for s in stop:
+        i = text.find(s, max(0, boundary - len(s) + 1))  # every match from here ends at > boundary
+        if i >= 0 and (best < 0 or i < best):
+            best = i
+    return best
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...] | list[str], context: str = "") -> str:
+    """`text` up to (not including) the earliest stop string in context + text that ends inside `text`.
+
+    context: the text just before `text` (a prompt's tail); a stop string may start in it
+    (then the result is "": nothing of `text` precedes the stop), but a match entirely
+    inside it does not count. Without context: `text` cut at the first stop string it contains.
+    """
+    i = find_stop(context + text, stop, len(context))
+    return text if i < 0 else text[:max(0, i - len(context))]
 
 
 @dataclass
@@ -89,7 +111,8 @@ class Completion:
 
     token_ids: the generated tokens, including the stop token or the token that completed
         a stop string. text: their decoding (special tokens skipped, cut before a stop
-        string), or None without a tokenizer. cached_tokens: prompt tokens whose KV was
+        string; "" when that stop string starts in the prompt's tail), or None without a
+        tokenizer. cached_tokens: prompt tokens whose KV was
         served from the prefix cache instead of being computed.
     """
 

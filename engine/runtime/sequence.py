@@ -44,7 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     row: int = -1                 # row in the RowTable while RUNNING (-1 otherwise)
     hold_node: int = 0            # radix node held while WAITING, so its prefix is evicted last (0: none)
-    stop_tail: str = ""           # the last characters of the generated text, for stop strings
+    stop_tail: str = ""           # the last characters of the prompt tail + generated text, for stop strings
 
     @property
     def num_generated(self) -> int:

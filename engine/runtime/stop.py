@@ -1,23 +1,38 @@
 """Incremental stop-string matching: no tokenizer call per row per step.
 
-The text a sequence has generated grows by one token's text per step. A stop string that
-appears in it for the first time must overlap the new token's text, so it is found in the
-last `longest - 1` characters of the previous text followed by that token's text. Each
-sequence keeps that short tail (`Sequence.stop_tail`), and the text of every token id (its
-"piece") is computed once per tokenizer, so a step costs a list lookup and a substring
-test per row.
+What is matched: the text of the prompt's tail followed by the generated text, decoded
+together (so a generated token keeps the leading-space marker it has in context), and a
+match counts only if it ends in generated text. A stop string may thus start in the prompt
+(VinePPO's states end after a newline, and a rollout may begin with the rest of
+"\n\n\nProblem:"), but one lying entirely inside the prompt never stops. Where the decoded
+prompt tail is not a prefix of the decoded tail + generation (a character completed across
+the boundary), the generated text starts where the two first differ.
+
+The text grows by one token's text per step. A stop string that appears in it for the first
+time must end in the new token's text, so it is found in the last `longest - 1` characters
+of the previous text followed by that token's text (matches ending in those characters do
+not count: they were there before, or belong to the prompt). Each sequence keeps that short
+tail (`Sequence.stop_tail`), and the text of every token id (its "piece") is computed once
+per tokenizer, so a step costs a list lookup and a substring test per row.
 
 A token's piece is decode([anchor, token]) minus decode([anchor]) for a plain anchor token,
 with the Engine's `skip_special_tokens=True`, so markers such as SentencePiece's leading
 space come out as they do inside a text. Some tokens have no text of their own: a
 byte-level token that ends inside a UTF-8 character decodes to U+FFFD, and a decoder may
 rewrite across tokens. Such tokens are "irregular": for them the row decodes its last few
-tokens with the tokenizer, as the exact reference does, and the tail restarts from that text.
-So does a sequence's first generated token: the generated text is decoded on its own, where
-a first token's leading-space marker is dropped.
+tokens with the tokenizer (reaching back into the prompt while the generation is short), as
+the exact reference does, and the tail restarts from that text. So does a sequence's first
+generated token, which also brings in the prompt's tail text.
+
+`Completion.text` stays the generation decoded on its own (where a first token's
+leading-space marker is dropped), cut before the stop string: `StopMatcher.cut` finds the
+match in the in-context text and cuts the same number of characters off the end.
 """
 from __future__ import annotations
 
+from os.path import commonprefix
+
+from engine.runtime.params import cut_at_stop, find_stop
 from engine.runtime.sequence import Sequence
 
 REPLACEMENT = "\ufffd"
@@ -25,7 +40,7 @@ EXACT_WINDOW = 8  # extra tokens decoded on the exact path beyond the longest st
 
 
 class StopMatcher:
-    """Finds stop strings in generated text, one token at a time, for one tokenizer."""
+    """Finds stop strings in a prompt's tail + generated text, one token at a time, for one tokenizer."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -39,25 +54,55 @@ class StopMatcher:
             self._pieces = token_pieces(self.tokenizer)
         return self._pieces
 
-    def update(self, seq: Sequence, token: int) -> bool:
-        """Account for `token`, just appended to seq.tokens; True if a stop string now appears."""
-        stop = seq.params.stop
+    def keep(self, stop: tuple[str, ...]) -> int:
+        """Characters of text before a new token that a match ending in it can reach back over."""
         keep = self._keep.get(stop)
         if keep is None:
             keep = self._keep[stop] = max(len(s) for s in stop) - 1
+        return keep
+
+    def update(self, seq: Sequence, token: int) -> bool:
+        """Account for `token`, just appended to seq.tokens; True if a stop string now ends in generated text."""
+        stop = seq.params.stop
+        keep = self.keep(stop)
         pieces = self._pieces if self._pieces is not None else self.pieces
         piece = pieces[token] if token < len(pieces) else ""
         if piece is None or len(seq.tokens) - seq.prompt_len == 1:
-            # The first token is decoded alone, as the text starts (a leading-space marker is dropped).
-            window = seq.tokens[max(seq.prompt_len, len(seq.tokens) - keep - 1 - EXACT_WINDOW):]
-            text = self.tokenizer.decode(window, skip_special_tokens=True)
+            # Exact path: the last tokens decoded together, the prompt's tail included while
+            # the generation is short; matches must end past the prompt's own text.
+            text, boundary = self._decode_tail(seq, keep)
         else:
             text = seq.stop_tail + piece
+            boundary = len(seq.stop_tail)  # a match ending in the tail was there before (or is the prompt's)
         seq.stop_tail = text[-keep:] if keep else ""
-        for s in stop:
-            if s in text:
-                return True
-        return False
+        return find_stop(text, stop, boundary) >= 0
+
+    def cut(self, seq: Sequence, text: str) -> str:
+        """`text`, the generation decoded on its own, cut before the stop string that stopped `seq`.
+
+        The match is found as `update` finds it, in the prompt's tail + generation decoded
+        together; that in-context generated text and `text` differ at most at their start
+        (a leading-space marker, a character completed across the boundary), so the cut
+        removes the same number of characters from the end. A stop string that starts in the
+        prompt leaves "". Without a counted match, `text` is returned whole.
+        """
+        stop = seq.params.stop
+        start = max(0, seq.prompt_len - self.keep(stop) - EXACT_WINDOW)
+        full = self.tokenizer.decode(seq.tokens[start:], skip_special_tokens=True)
+        head = self.tokenizer.decode(seq.tokens[start:seq.prompt_len], skip_special_tokens=True)
+        b = len(commonprefix([head, full]))
+        generated = full[b:]
+        kept = cut_at_stop(generated, stop, context=full[:b])
+        return text[:max(0, len(text) - (len(generated) - len(kept)))]
+
+    def _decode_tail(self, seq: Sequence, keep: int) -> tuple[str, int]:
+        """(the last keep + 1 + EXACT_WINDOW tokens decoded together, length of its prompt-only prefix)."""
+        start = max(0, len(seq.tokens) - keep - 1 - EXACT_WINDOW)
+        text = self.tokenizer.decode(seq.tokens[start:], skip_special_tokens=True)
+        if start >= seq.prompt_len:
+            return text, 0  # all generated (a match lying in older text would have stopped earlier)
+        head = self.tokenizer.decode(seq.tokens[start:seq.prompt_len], skip_special_tokens=True)
+        return text, len(commonprefix([head, text]))
 
 
 def token_pieces(tokenizer) -> list[str | None]:

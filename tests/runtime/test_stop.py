@@ -1,6 +1,7 @@
 """Incremental stop-string matching equals decoding the whole text, for several kinds of tokenizer."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -43,11 +44,14 @@ def tokenizer(request):
     return char_tokenizer() if request.param == "char" else _trained(request.param)
 
 
-def _first_stop_exact(tokenizer, generated: list[int], stop: tuple[str, ...]) -> int | None:
-    """The reference: the first number of tokens whose decoded text contains a stop string."""
+def _first_stop_exact(tokenizer, prompt: list[int], generated: list[int], stop: tuple[str, ...]) -> int | None:
+    """The reference: the first number of generated tokens after which the prompt + generation,
+    decoded together, holds a stop string that ends past the prompt's own text."""
+    head = tokenizer.decode(prompt, skip_special_tokens=True)
     for i in range(1, len(generated) + 1):
-        text = tokenizer.decode(generated[:i], skip_special_tokens=True)
-        if any(s in text for s in stop):
+        text = tokenizer.decode(prompt + generated[:i], skip_special_tokens=True)
+        boundary = len(os.path.commonprefix([head, text]))
+        if any(text.find(s, max(0, boundary - len(s) + 1)) >= 0 for s in stop):
             return i
     return None
 
@@ -75,7 +79,7 @@ def test_incremental_matching_finds_the_first_stop_of_the_decoded_text(tokenizer
         else:
             generated = [rng.randrange(len(tokenizer)) for _ in range(40)]
         prompt = tokenizer.encode("Problem: x", add_special_tokens=False)
-        exact = _first_stop_exact(tokenizer, generated, stop)
+        exact = _first_stop_exact(tokenizer, prompt, generated, stop)
         assert _first_stop_incremental(matcher, prompt, generated, stop) == exact, (stop, generated)
         found += exact is not None
     assert found >= 10  # the check is not vacuous
@@ -114,7 +118,7 @@ def test_a_stop_string_at_the_very_start_follows_the_decoded_text():
     matcher = StopMatcher(tok)
     generated = tok.encode(" 42 is 42", add_special_tokens=False)
     for stop in ((" 42",), ("42",)):
-        assert _first_stop_incremental(matcher, [5], generated, stop) == _first_stop_exact(tok, generated, stop)
+        assert _first_stop_incremental(matcher, [5], generated, stop) == _first_stop_exact(tok, [5], generated, stop)
 
 
 def test_a_tokenizer_that_cleans_up_spaces_takes_the_exact_path():
@@ -124,4 +128,78 @@ def test_a_tokenizer_that_cleans_up_spaces_takes_the_exact_path():
     generated = tok.encode("x = 1 . Then y !", add_special_tokens=False)
     for stop in (("1.",), ("y!",), (" .",)):
         assert _first_stop_incremental(StopMatcher(tok), [5], generated, stop) == \
-            _first_stop_exact(tok, generated, stop)
+            _first_stop_exact(tok, [5], generated, stop)
+
+
+def _split_inside(tokenizer, ids: list[int], text: str, s: str) -> list[int]:
+    """Token counts k whose prefix ids[:k] decodes to text ending strictly inside an occurrence of s."""
+    spans = [(i, i + len(s)) for i in range(len(text)) if text.startswith(s, i)]
+    ks = []
+    for k in range(1, len(ids)):
+        end = len(tokenizer.decode(ids[:k], skip_special_tokens=True))
+        if any(i < end < j for i, j in spans):
+            ks.append(k)
+    return ks
+
+
+def test_random_splits_of_a_text_between_prompt_and_generation_match_the_reference(tokenizer):
+    """A text's tokens split between prompt and generation, as VinePPO's states split a response:
+    stop strings straddle the boundary, or lie inside the prompt."""
+    matcher = StopMatcher(tokenizer)
+    rng = random.Random(1)
+    stops = [("\n\n\nProblem:",), ("42",), ("Problem: again",), ("#### 42", "é"), ("\n\n",), ("12+30",)]
+    straddled = inside = 0
+    for trial in range(80):
+        stop = stops[trial % len(stops)]
+        text = rng.choice(CORPUS[:5]) + rng.choice(CORPUS[:5])
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ks = [k for s in stop for k in _split_inside(tokenizer, ids, text, s)] if trial % 2 else []
+        k = rng.choice(ks) if ks else rng.randrange(1, len(ids))
+        prompt, generated = ids[:k], ids[k:]
+        exact = _first_stop_exact(tokenizer, prompt, generated, stop)
+        assert _first_stop_incremental(matcher, prompt, generated, stop) == exact, (stop, prompt, generated)
+        gen_text = tokenizer.decode(generated, skip_special_tokens=True)
+        straddled += exact is not None and not any(s in gen_text for s in stop)
+        inside += exact is None and any(s in tokenizer.decode(prompt) for s in stop)
+    assert straddled >= 3 and inside >= 3  # both kinds occurred
+
+
+def test_a_stop_string_straddling_the_boundary_stops_and_cuts_to_nothing(tokenizer):
+    matcher = StopMatcher(tokenizer)
+    stop = ("\n\n\nProblem:",)
+    text = "Solution:\nStep 1: 12+30=42\n\n\nProblem: again"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ks = _split_inside(tokenizer, ids, text, stop[0])
+    assert ks  # the stop string spans several tokens
+    for k in ks:
+        prompt, generated = ids[:k], ids[k:]
+        n = _first_stop_incremental(matcher, prompt, generated, stop)
+        assert n is not None and n == _first_stop_exact(tokenizer, prompt, generated, stop)
+        assert stop[0] not in tokenizer.decode(generated[:n])  # only the prompt's tail completes it
+        seq = Sequence(0, 0, 0, prompt + generated[:n], len(prompt), SamplingParams(stop=stop))
+        assert matcher.cut(seq, tokenizer.decode(generated[:n], skip_special_tokens=True)) == ""
+
+
+def test_a_stop_string_inside_the_prompt_never_stops(tokenizer):
+    matcher = StopMatcher(tokenizer)
+    prompt = tokenizer.encode("The answer is 42.\n\n\nProblem: what is 6*7?", add_special_tokens=False)
+    generated = tokenizer.encode(" Solution: 12+30=42", add_special_tokens=False)
+    assert _first_stop_incremental(matcher, prompt, generated, ("\n\n\nProblem:", "6*7")) is None
+    # a stop string that occurs in the prompt still stops when it occurs again in the generation
+    n = _first_stop_incremental(matcher, prompt, generated, ("42",))
+    assert n is not None and n == _first_stop_exact(tokenizer, prompt, generated, ("42",))
+    seq = Sequence(0, 0, 0, prompt + generated[:n], len(prompt), SamplingParams(stop=("42",)))
+    text = tokenizer.decode(generated[:n], skip_special_tokens=True)
+    assert matcher.cut(seq, text) == text[:text.find("42")] and matcher.cut(seq, text).endswith("12+30=")
+
+
+def test_cut_at_stop_with_a_context():
+    from engine.runtime.params import cut_at_stop
+
+    assert cut_at_stop("\nProblem: y", ["\n\n\nProblem:"], context="a\n\n") == ""
+    assert cut_at_stop("\nProblem: y", ["\n\n\nProblem:"]) == "\nProblem: y"
+    assert cut_at_stop("x\nProblem: y", ["\n\n\nProblem:"], context="a\n\n") == "x\nProblem: y"
+    assert cut_at_stop("ab stop cd", ["stop"], context="stop ") == "ab "  # the prompt's match does not count
+    assert cut_at_stop("ab", ["stop"], context="stop") == "ab"
+    assert cut_at_stop("op here", ["stop"], context="xst") == ""  # starts in the context
+    assert cut_at_stop("a stop", ["stop", "a s"]) == ""  # the earliest start wins
