@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
 from engine.tasks import Task, load_task, parse_task_args
-from engine.tasks.grading import extract_gsm8k_answer, extract_math_answer, normalize_answer
 
 # VinePPO stops its MATH/GSM8K samples where the model starts a new few-shot problem.
 STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",), "arithmetic": ()}
@@ -36,12 +35,8 @@ DEFAULT_PROTOCOL = dict(top_p=1.0, max_new_tokens=512)
 
 
 def final_answer(task: Task, response: str) -> str | None:
-    """The response's final answer in a canonical form, for majority voting."""
-    if task.name == "math":
-        answer = extract_math_answer(response)
-        return None if answer is None else normalize_answer(answer)
-    number = extract_gsm8k_answer(response)
-    return None if number is None else str(number)
+    """The response's final answer in the task's canonical form, for majority voting (Task.final_answer)."""
+    return task.final_answer(response)
 
 
 def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: str = "test", n: int = 16,

@@ -57,7 +57,7 @@ class TrainConfig:
     k: int = 9                         # rollouts per state
     mc_max_new_tokens: int | None = None  # None = max_new_tokens (a fresh budget per rollout)
     max_states_per_response: int | None = None  # cap on valued states, the prompt's included; later ones are back-filled with the return
-    step_split: str = "task"           # task (the task's step style) | newline | math | chunks
+    step_split: str = "task"           # task (the task's step style) | newline | math | math-legacy | chunks
     chunk_tokens: int = 100            # step length for step_split = chunks
     # ---- PPO critic (algo = ppo)
     gae_lambda: float = 1.0
@@ -134,8 +134,8 @@ class TrainConfig:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(sorted(TASKS))}")
         if self.model is not None and not Path(self.model).is_dir():
             raise ConfigError(f"model directory {self.model} does not exist")
-        if self.step_split not in ("task", "newline", "math", "chunks"):
-            raise ConfigError(f"step_split must be task, newline, math or chunks; got {self.step_split!r}")
+        if self.step_split not in ("task", "newline", "math", "math-legacy", "chunks"):
+            raise ConfigError(f"step_split must be task, newline, math, math-legacy or chunks; got {self.step_split!r}")
         positive = ["iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
                     "minibatch_size", "micro_batch_size", "chunk_tokens", "page_size", "max_num_seqs",
                     "max_batch_tokens", "eval_every", "eval_items", "eval_samples", "save_every",

@@ -70,20 +70,29 @@ def sample_episodes(engine: Engine, task: Task, items: Sequence[Item], params: S
                     progress: bool | str = False) -> list[Episode]:
     """params.n responses per item, graded by the task. Episodes of one item are consecutive.
 
-    Responses that ended on a stop string are cut before it and end with EOS instead.
+    Responses that ended on a stop string are cut before it and end with EOS instead. A
+    response that stopped without a final answer (`task.final_answer` is None) is unfinished,
+    as in the VinePPO reference: finish_reason "unfinished", reward 0, and no EOS at its end,
+    so the policy is not trained to stop there.
     """
     tok = engine.tokenizer
     prompts = [tok.encode(task.prompt(it)) for it in items]
     outs = engine.generate(prompts, params, progress=progress)
+    eos = set(engine.eos_token_ids)
     episodes = []
     for g, (item, ids, completions) in enumerate(zip(items, prompts, outs)):
         for c in completions:
             response = list(c.token_ids)
-            if params.stop and c.finish_reason == "stop" and response[-1] not in engine.eos_token_ids:
+            finish = c.finish_reason
+            if params.stop and finish == "stop" and response[-1] not in eos:
                 response = trim_stop_string(tok, response, c.text, tok.eos_token_id)
+            if finish == "stop" and task.final_answer(c.text) is None:
+                finish = "unfinished"
+                while len(response) > 1 and response[-1] in eos:  # (an EOS-only response keeps its one token)
+                    response.pop()
+            reward = 0.0 if finish == "unfinished" else task.reward(c.text, item, finish)
             episodes.append(Episode(group=g, item=item, prompt_ids=list(ids), response_ids=response,
-                                    text=c.text, finish_reason=c.finish_reason,
-                                    reward=task.reward(c.text, item, c.finish_reason)))
+                                    text=c.text, finish_reason=finish, reward=reward))
     return episodes
 
 

@@ -330,6 +330,7 @@ class Trainer:
             reward_mean=float(rewards.mean()), train_accuracy=float((rewards == 1.0).mean()),
             response_length=float(np.mean([e.num_tokens for e in episodes])),
             truncated_frac=float(np.mean([e.finish_reason == "length" for e in episodes])),
+            unfinished_frac=float(np.mean([e.finish_reason == "unfinished" for e in episodes])),
             adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if all_adv.numel() > 1 else 0.0,
             adv_abs_mean=float(all_adv.abs().mean()), adv_zero_frac=float((all_adv == 0).float().mean()),
             **update,

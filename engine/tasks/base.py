@@ -76,6 +76,18 @@ class Task(ABC):
     def is_correct(self, response: str, item: Item) -> bool:
         """Whether the response (the text generated after the prompt) reaches item.answer."""
 
+    def final_answer(self, response: str) -> str | None:
+        """The response's final answer in a canonical form, or None when it has none.
+
+        Majority votes group samples by it. A finished response without one counts as
+        unfinished, as in the VinePPO reference: reward 0 and its EOS is not trained
+        (engine.rl.rollout). Default: the number after the last `####`, else the last number.
+        """
+        from engine.tasks.grading import extract_gsm8k_answer
+
+        number = extract_gsm8k_answer(response)
+        return None if number is None else str(number)
+
     def reward(self, response: str, item: Item, finish_reason: str = "stop") -> float:
         """1.0 for a correct finished response, else 0.0; a response cut by length scores 0."""
         if finish_reason == "length":

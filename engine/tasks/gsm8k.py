@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from engine.tasks.base import VINEPPO_TEMPLATE, DatasetTask, Item, TaskDataError
-from engine.tasks.grading import GSM8K_GRADING, extract_gsm8k_answer, gsm8k_correct
+from engine.tasks.grading import GSM8K_GRADING, extract_gsm8k_answer, gsm8k_correct, strict_gsm8k_answer
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
@@ -49,3 +49,7 @@ class GSM8KTask(DatasetTask):
 
     def is_correct(self, response: str, item: Item) -> bool:
         return gsm8k_correct(response, item.answer, strict=self.grading == "strict")
+
+    def final_answer(self, response: str) -> str | None:
+        """Strict: the reference's answer string (None without `####`); lenient: the number."""
+        return strict_gsm8k_answer(response) if self.grading == "strict" else super().final_answer(response)

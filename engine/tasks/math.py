@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from engine.tasks.base import VINEPPO_TEMPLATE, DatasetTask, Item, TaskDataError
-from engine.tasks.grading import last_boxed, math_correct
+from engine.tasks.grading import extract_math_answer, last_boxed, math_correct, normalize_answer
 
 # The documented fields of a MATH training file (`train_file=`), one JSON object per line.
 TRAIN_FILE_FIELDS = ("problem", "solution")  # required
@@ -95,3 +95,8 @@ class MathTask(DatasetTask):
 
     def is_correct(self, response: str, item: Item) -> bool:
         return math_correct(response, item.answer)
+
+    def final_answer(self, response: str) -> str | None:
+        """The extracted answer (boxed / "the answer is" / last number), normalised; None if none."""
+        answer = extract_math_answer(response)
+        return None if answer is None else normalize_answer(answer)

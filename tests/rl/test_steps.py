@@ -32,7 +32,16 @@ def check(text: str, style: str, want: list[str]) -> None:
 
 
 def test_styles_match_the_tasks():
-    assert STEP_STYLES == TASK_STEP_STYLES
+    assert set(TASK_STEP_STYLES) <= set(STEP_STYLES) and STEP_STYLES == ("newline", "math", "math-legacy")
+
+
+def test_math_is_the_reference_splitter_and_legacy_stays_available():
+    from engine.tasks.math_steps import split_math_steps
+
+    text = ("The two equations are\n\\[\nx + y + z = 10 + w,\\\\\nx - y = 2 \\text{ and more}.\n\\]\n"
+            "Adding them gives $2x = 12.$ Hence x is equal to six here.")
+    assert split_steps(text, "math") == split_math_steps(text)
+    assert split_steps(text, "math-legacy") != split_steps(text, "math")  # the two really differ here
 
 
 # ------------------------------------------------------------------ "newline" (GSM8K, arithmetic)
@@ -85,14 +94,14 @@ def test_math_newlines_and_short_parts():
     # "Step 1:\n" and "So\n" are under 20 characters: they join the next part; the short
     # last part joins the one before it; the blank line joins the part before it.
     text = "Step 1:\nWe add the two numbers together.\n\nSo\nthe total is equal to 12.\nDone."
-    check(text, "math", ["Step 1:\nWe add the two numbers together.\n\n",
+    check(text, "math-legacy", ["Step 1:\nWe add the two numbers together.\n\n",
                          "So\nthe total is equal to 12.\nDone."])
 
 
 def test_math_spans_protect_periods_and_inline_newlines():
     text = ("We know that $a = 1. B = 2$ holds for the values. Next we see $x +\ny$ is "
             "positive and also fine. Then \\(3. X\\) is odd.")
-    check(text, "math", [
+    check(text, "math-legacy", [
         "We know that $a = 1. B = 2$ holds for the values.",  # no cut inside $...$
         " Next we see $x +\ny$ is positive and also fine.",  # no cut at a newline in inline math
         " Then \\(3. X\\) is odd.",
@@ -102,7 +111,7 @@ def test_math_spans_protect_periods_and_inline_newlines():
 def test_math_display_math_newlines_and_tail_period():
     text = ("The two equations are\n\\[\nx + y + z = 10 + w,\\\\\nx - y = 2 \\text{ and more}.\n\\]\n"
             "Adding them gives $2x = 12.$ Hence x is equal to six here.")
-    check(text, "math", [
+    check(text, "math-legacy", [
         "The two equations are\n",
         "\\[\nx + y + z = 10 + w,\\\\\n",  # "\\[\n" alone is short: joins the next display line
         "x - y = 2 \\text{ and more}.\n",

@@ -331,6 +331,35 @@ def test_a_fresh_start_clears_the_previous_run(tmp_path):
     assert [r["iteration"] for r in rows_of(trainer)] == [0, 1]
 
 
+@pytest.mark.parametrize("grading", ["strict", "lenient"])
+def test_a_stopped_response_without_an_answer_is_unfinished(grading):
+    # The reference's rule: no extractable answer = unfinished: reward 0 and no EOS to train.
+    from engine.model import char_tokenizer
+    from engine.runtime.params import Completion
+
+    tok = char_tokenizer()
+    eos = tok.eos_token_id
+    task = load_task("gsm8k", data="sample", grading=grading)
+    item = task.items("test")[0]
+    texts = [f"Adding.\n#### {item.answer}", "So she has 18 apples.", "half a line"]
+
+    class ScriptedEngine:
+        tokenizer, eos_token_ids = tok, [eos]
+
+        def generate(self, prompts, params, progress=False):
+            return [[Completion(token_ids=tok.encode(t) + [eos], finish_reason="stop", text=t) for t in texts[:2]]
+                    + [Completion(token_ids=tok.encode(texts[2]), finish_reason="length", text=texts[2])]]
+
+    done, no_answer, cut = sample_episodes(ScriptedEngine(), task, [item], SamplingParams(n=3))
+    assert (done.finish_reason, done.reward, done.response_ids[-1]) == ("stop", 1.0, eos)
+    assert cut.finish_reason == "length" and cut.reward == 0.0
+    if grading == "strict":  # no "####": unfinished
+        assert no_answer.finish_reason == "unfinished" and no_answer.reward == 0.0
+        assert no_answer.response_ids == tok.encode(texts[1])  # the EOS is gone
+    else:  # lenient reads the last number: a finished (wrong) answer
+        assert no_answer.finish_reason == "stop" and no_answer.response_ids[-1] == eos
+
+
 def test_stop_string_tokens_are_replaced_by_eos():
     from engine.model import char_tokenizer
     from engine.rl.rollout import trim_stop_string

@@ -344,3 +344,17 @@ def test_math_train_file_bad_inputs(tmp_path):
     empty = write_jsonl(tmp_path / "empty_solution.jsonl", [{"problem": "p", "solution": " "}])
     with pytest.raises(TaskDataError, match="line 1: field 'solution' is empty"):
         load_task("math", data="sample", train_file=empty).items("train")
+
+
+def test_final_answers_follow_each_tasks_grading():
+    from engine.tasks import load_task
+
+    strict = load_task("gsm8k", data="sample", grading="strict")
+    lenient = load_task("gsm8k", data="sample", grading="lenient")
+    assert strict.final_answer("x\n#### 1,800 Apples") == "1800 apples"
+    assert strict.final_answer("So she has 18 apples.") is None  # unfinished under the reference rule
+    assert lenient.final_answer("So she has 18 apples.") == "18"
+    assert lenient.final_answer("no number here") is None
+    math = load_task("math", data="sample")
+    assert math.final_answer("so $x = \\boxed{\\frac{1}{2}}$.") == math.final_answer("The answer is \\boxed{\\frac12}")
+    assert math.final_answer("I give up") is None
