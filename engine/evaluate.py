@@ -8,8 +8,8 @@ GSM8K and MATH default to the VinePPO paper's protocol: 16 samples at T 0.35, to
 1024 new tokens, majority vote over the samples (other tasks: top-p 1.0, 512 tokens).
 
 For every item, n samples; reports pass@1 (mean reward over the n samples, averaged over
-items), majority-vote accuracy (the most frequent final answer among finished samples is
-graded) and pass@n (any sample correct). Writes a JSON report with per-item results next to
+items), majority-vote accuracy (the most frequent final answer over all samples is graded; a
+sample without one votes for "no answer", which is wrong, as in the reference) and pass@n. Writes a JSON report with per-item results next to
 the model (eval-<task>-<split>.json) or to --out.
 """
 from __future__ import annotations
@@ -37,6 +37,21 @@ DEFAULT_PROTOCOL = dict(top_p=1.0, max_new_tokens=512)
 def final_answer(task: Task, response: str) -> str | None:
     """The response's final answer in the task's canonical form, for majority voting (Task.final_answer)."""
     return task.final_answer(response)
+
+
+def majority_vote(task: Task, texts: list[str]) -> tuple[str | None, int | None]:
+    """(the most frequent final answer, the index of a sample giving it) over ALL samples, as in
+    the reference: a sample without an answer votes for None (cut ones are read too), and a
+    None winner is wrong. Ties go to the answer seen first."""
+    answers = [final_answer(task, t) for t in texts]
+    top = Counter(answers).most_common(1)[0][0] if answers else None
+    return top, (answers.index(top) if answers else None)
+
+
+def majority_correct(task: Task, item, texts: list[str]) -> bool:
+    """Whether the majority answer is right (graded on a sample that gives it, whatever its finish)."""
+    top, index = majority_vote(task, texts)
+    return top is not None and task.is_correct(texts[index], item)
 
 
 def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: str = "test", n: int = 16,
@@ -75,10 +90,9 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     records, pass1, maj, passn = [], 0.0, 0, 0
     for item, samples in tqdm(list(zip(items, outputs)), desc="grade"):
         rewards = [task.reward(c.text, item, c.finish_reason) for c in samples]
-        answers = [final_answer(task, c.text) if c.finish_reason == "stop" else None for c in samples]
-        votes = Counter(a for a in answers if a is not None)
-        majority = votes.most_common(1)[0][0] if votes else None
-        maj_correct = majority is not None and rewards[answers.index(majority)] == 1.0
+        answers = [final_answer(task, c.text) for c in samples]
+        majority, _ = majority_vote(task, [c.text for c in samples])
+        maj_correct = majority_correct(task, item, [c.text for c in samples])
         pass1 += sum(rewards) / n
         maj += maj_correct
         passn += any(r == 1.0 for r in rewards)
@@ -91,7 +105,8 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     k = len(items)
     metrics = {"pass@1": pass1 / k, f"maj@{n}": maj / k, f"pass@{n}": passn / k}
     report = {
-        "model": str(model_dir), "task": task_name, "task_args": task_args or {}, "split": split, "data": data,
+        "model": str(model_dir), "task": task_name, "task_args": task_args or {},
+        "grading": getattr(task, "grading", None), "split": split, "data": data,
         "items": k, "n": n,
         "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
         "metrics": metrics, "generation_seconds": round(gen_seconds, 2),
@@ -133,11 +148,14 @@ def evaluate_run(run_dir: str, *, task_name: str | None = None, task_args: dict 
     writes <run_dir>/eval-<task>-<split>-checkpoints.json and returns it."""
     import yaml
 
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) if Path(run_dir).is_dir() else None
-    paths = checkpoints_of(run_dir)
+    paths = checkpoints_of(run_dir)  # raises unless run_dir has config.yaml and a checkpoint
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    if task_name is None and not config.get("task"):
+        raise FileNotFoundError(f"{run_dir}/config.yaml names no task: give --task")
+    same_task = task_name is None or task_name == config.get("task")
     task_name = task_name or config["task"]
-    if task_args is None:
-        task_args = config.get("task_args") or {}
+    if task_args is None:  # the run's own task options, when it is the run's task
+        task_args = (config.get("task_args") or {}) if same_task else {}
     split = kwargs.get("split", "test")
     rows = []
     for path in paths:

@@ -40,11 +40,13 @@ def sft_batch(tokenizer, task: Task, items: list[Item], device: torch.device | s
 
 
 def sft(model: Transformer, tokenizer, task: Task, *, steps: int, batch_size: int = 64, lr: float = 1e-5,
-        seed: int = 0, warmup_ratio: float = 0.05, grad_clip: float = 1.0, progress: bool = True) -> list[float]:
-    """Fine-tune `model` in place on random batches of the task's train solutions; returns the losses."""
+        seed: int = 0, warmup_ratio: float = 0.05, grad_clip: float = 1.0, progress: bool = True,
+        items: list[Item] | None = None) -> list[float]:
+    """Fine-tune `model` in place on random batches of train solutions (`items`, default the
+    task's train split: a trainer passes its own, without the items it holds out); returns the losses."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
-    items = [it for it in task.items("train") if it.solution is not None]
+    items = [it for it in (task.items("train") if items is None else items) if it.solution is not None]
     if not items:
         raise ValueError(f"task {task.name}: no train item has a reference solution")
     device = model.lm_head_weight.device

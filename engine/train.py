@@ -58,8 +58,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     from engine.rl.trainer import Trainer, TrainingDiverged  # heavy imports after the argument checks
 
+    from engine.tasks import TaskDataError
+
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+    except (ConfigError, TaskDataError, FileNotFoundError) as e:  # bad input found while setting up: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         last = trainer.run()
     except TrainingDiverged as e:

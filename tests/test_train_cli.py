@@ -58,3 +58,24 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     preset.write_text("lr: 1e-6\nsft_lr: 3e-3\n")
     cfg = load_config(str(preset), {"kl_coef": "2e-4"})
     assert (cfg.lr, cfg.sft_lr, cfg.kl_coef) == (1e-6, 3e-3, 2e-4)
+
+
+@pytest.mark.parametrize("task_args, message", [
+    ("{grading: exact, data: sample}", "task_args for gsm8k: .*unknown grading 'exact'"),
+])
+def test_a_bad_task_option_is_a_clean_error(tmp_path, capsys, task_args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--task", "gsm8k", "--task-args", task_args,
+              "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_task_args_merge_into_the_presets(tmp_path):
+    from engine.rl.config import load_config
+
+    cfg = load_config("gsm8k", {"model": str(tmp_path), "task_args": {"data": "sample"}})
+    assert cfg.task_args == {"grading": "strict", "data": "sample"}  # the preset's strict grading stays
+    assert load_config("gsm8k", {"model": str(tmp_path), "task_args": {"grading": None}}).task_args == {}
+    assert load_config("smoke", {"task": "gsm8k", "task_args": {"data": "sample"}}).task_args == {"data": "sample"}

@@ -239,7 +239,14 @@ def load_config(preset: str = "default", overrides: dict[str, Any] | None = None
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of config keys, got {type(values).__name__}")
-    merged = {**values, **(overrides or {})}
+    overrides = dict(overrides or {})
+    same_task = overrides.get("task", values.get("task")) == values.get("task")
+    if same_task and isinstance(values.get("task_args"), dict) and isinstance(overrides.get("task_args"), dict):
+        # Key by key: `--task-args '{data: X}'` keeps the preset's other task options (e.g. gsm8k's
+        # strict grading); a key set to null drops the preset's value. Another task: replaced.
+        overrides["task_args"] = {k: v for k, v in {**values["task_args"], **overrides["task_args"]}.items()
+                                  if v is not None}
+    merged = {**values, **overrides}
     unknown = sorted(set(merged) - set(FIELD_TYPES))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)} (in preset {path.name} or the command line); "

@@ -89,8 +89,10 @@ WARMUP_TYPES = ("linear", "log")
 def warmup_linear_decay(total_steps: int, warmup_ratio: float, warmup_type: str = "linear"):
     """LambdaLR factor: warmup over warmup_ratio of the steps, then linear decay to 0.
 
-    warmup_type "linear": (step + 1) / warmup. "log": log(step + 1) / log(warmup), DeepSpeed's
-    WarmupDecayLR default and so the VinePPO reference's schedule (its first step runs at lr 0).
+    warmup_type "linear": (step + 1) / warmup. "log": log(step + 1) / log(warmup), the issue's
+    statement of DeepSpeed's WarmupDecayLR default (the VinePPO reference's schedule); its first
+    step runs at lr 0. DeepSpeed itself steps one behind (two steps at lr 0) and stretches a
+    one-step warmup to two: negligible at the presets' 20k steps, not reproduced.
     """
     if warmup_type not in WARMUP_TYPES:
         raise ValueError(f"warmup_type must be one of {WARMUP_TYPES}, got {warmup_type!r}")

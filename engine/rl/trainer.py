@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
 from engine.rl.steps import step_token_ends
 from engine.runtime import Engine, SamplingParams
-from engine.tasks import Item, Task, load_task
+from engine.tasks import Item, Task, TaskDataError, load_task
 from kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
@@ -153,7 +152,12 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
         self.device, self.dtype = resolve_device(cfg)
-        self.task: Task = load_task(cfg.task, **cfg.task_args)
+        try:
+            self.task: Task = load_task(cfg.task, **cfg.task_args)
+        except TaskDataError:
+            raise
+        except (TypeError, ValueError) as e:  # a bad task option (unknown grading, ...): a config error
+            raise ConfigError(f"task_args for {cfg.task}: {e}") from None
         self.stop = STOP_STRINGS.get(cfg.task, ())
         self.train_items: list[Item] = self.task.items("train")
         self.eval_sets: dict[str, list[Item]] = self._eval_sets()  # may carve a validation split off the train items
@@ -161,10 +165,13 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             saved = config_from_run(self.run_dir)
-            if {k: v for k, v in saved.items() if k not in ("iterations", "stop_after")} != \
-                    {k: v for k, v in cfg.to_dict().items() if k not in ("iterations", "stop_after")}:
-                raise ValueError(f"--resume: the config differs from the one {self.run_dir} was started with "
-                                 f"(only iterations and stop_after may change)")
+            now = cfg.to_dict()
+            differ = sorted(k for k in set(saved) | set(now)
+                            if k not in ("iterations", "stop_after") and saved.get(k) != now.get(k))
+            if differ:
+                raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was started with in "
+                                 f"{', '.join(differ)} (only iterations and stop_after may change; a run saved "
+                                 f"before a key existed lacks it)")
         else:
             self._clear_previous_run()
         dump_config(cfg, self.run_dir / "config.yaml")
@@ -231,7 +238,7 @@ class Trainer:
         model, tok = load_model(base, dtype=self.dtype, device=self.device)
         t0 = time.perf_counter()
         losses = sft(model, tok, self.task, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-                     seed=cfg.seed, progress=self.progress)
+                     seed=cfg.seed, progress=self.progress, items=self.train_items)  # never the validation items
         model.save_pretrained(str(sft_dir), tokenizer=tok)
         (sft_dir / "sft_done.json").write_text(json.dumps(
             {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
@@ -330,6 +337,7 @@ class Trainer:
             reward_mean=float(rewards.mean()), train_accuracy=float((rewards == 1.0).mean()),
             response_length=float(np.mean([e.num_tokens for e in episodes])),
             truncated_frac=float(np.mean([e.finish_reason == "length" for e in episodes])),
+            # stopped without a final answer (cut by length: truncated_frac)
             unfinished_frac=float(np.mean([e.finish_reason == "unfinished" for e in episodes])),
             adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if all_adv.numel() > 1 else 0.0,
             adv_abs_mean=float(all_adv.abs().mean()), adv_zero_frac=float((all_adv == 0).float().mean()),
@@ -474,20 +482,23 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
                                        f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
-            if self.critic is not None:  # the critic trains on every micro-batch, as in the reference
-                totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
             if cfg.skip_ratio_above is not None and float(st.ratio_mean) > cfg.skip_ratio_above:
+                # VinePPO's guard: far off-policy, its policy gradient would be noise. Drop the
+                # graph now, before the critic's pass, so the two never hold activations together.
                 totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
-                continue  # VinePPO's guard: far off-policy, its policy gradient would be noise
-            loss.backward()
-            share = mask.sum().item() / num_tokens
-            for k, v in st.scalars().items():
-                if k == "ratio_max":
-                    totals[k] = max(totals.get(k, 0.0), v)
-                elif k in GLOBALLY_NORMALISED:  # already divided by the minibatch's counts
-                    totals[k] = totals.get(k, 0.0) + v
-                else:  # token means of this micro-batch -> token mean of the minibatch
-                    totals[k] = totals.get(k, 0.0) + v * share
+                del loss, out, lp, ent
+            else:
+                loss.backward()
+                share = mask.sum().item() / num_tokens
+                for k, v in st.scalars().items():
+                    if k == "ratio_max":
+                        totals[k] = max(totals.get(k, 0.0), v)
+                    elif k in GLOBALLY_NORMALISED:  # already divided by the minibatch's counts
+                        totals[k] = totals.get(k, 0.0) + v
+                    else:  # token means of this micro-batch -> token mean of the minibatch
+                        totals[k] = totals.get(k, 0.0) + v * share
+            if self.critic is not None:  # the critic trains on every micro-batch, skipped or not, as in the reference
+                totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
@@ -518,7 +529,6 @@ class Trainer:
         return loss.item()
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _eval_sets(self) -> dict[str, list[Item]]:
         """The items of each evaluated split (cfg.eval_splits), fixed for the whole run.
 
@@ -546,14 +556,16 @@ class Trainer:
                 sets["train"] = order[: cfg.eval_items]
         return {split: sets[split] for split in cfg.eval_splits}
 
+    @torch.no_grad()
     def evaluate(self) -> dict:
         """Accuracy on each evaluated split through the Engine: the mean reward over eval_samples
         samples per item, its standard error over items, and (n > 1) the majority-vote accuracy.
 
-        Metrics eval_<split>_accuracy / _stderr / _majority_accuracy; the first split of
-        eval_splits (test by default) is also eval_accuracy / eval_stderr / eval_majority_accuracy.
+        Metrics eval_<split>_accuracy / _stderr / _majority_accuracy; the held-out split (test,
+        else validation; none when only train is evaluated) is also eval_accuracy / eval_stderr /
+        eval_majority_accuracy, which the plots and the summary read.
         """
-        from engine.evaluate import final_answer
+        from engine.evaluate import majority_correct
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -564,18 +576,15 @@ class Trainer:
                                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, stop=self.stop,
                                 seed=cfg.seed if cfg.eval_temperature > 0 else None)
         out: dict[str, float] = {}
-        for i, (split, items) in enumerate(self.eval_sets.items()):
+        held_out = next((x for x in ("test", "validation") if x in self.eval_sets), None)
+        for split, items in self.eval_sets.items():
             outs = self.engine.generate([self.task.prompt(it) for it in items], params.per_prompt(len(items)),
                                         progress=self.progress and f"evaluation ({split})")
             item_means, majority = [], []
             for it, cs in zip(items, outs):
                 rewards = [self.task.reward(c.text, it, c.finish_reason) for c in cs]
                 item_means.append(float(np.mean(rewards)))
-                # Majority vote over the finished samples' final answers; the winner's reward grades it.
-                answers = [final_answer(self.task, c.text) if c.finish_reason == "stop" else None for c in cs]
-                votes = Counter(a for a in answers if a is not None)
-                top = votes.most_common(1)[0][0] if votes else None
-                majority.append(top is not None and rewards[answers.index(top)] == 1.0)
+                majority.append(majority_correct(self.task, it, [c.text for c in cs]))
             means = np.array(item_means)
             # Standard error over items (the samples of one item are not independent of each other).
             stderr = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else 0.0
@@ -584,7 +593,7 @@ class Trainer:
                 metrics["majority_accuracy"] = float(np.mean(majority))
             for k, v in metrics.items():
                 out[f"eval_{split}_{k}"] = v
-                if i == 0:
+                if split == held_out:
                     out[f"eval_{k}"] = v
         out["time_eval"] = round(time.perf_counter() - t0, 3)
         return out

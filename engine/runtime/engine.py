@@ -404,6 +404,9 @@ class Engine:
         return sum(p._version for p in params), firsts
 
 
+LM_HEAD_CHUNK = 16384  # vocabulary rows per fp32 chunk in lm_head_logits' fallback
+
+
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [N, V] = hidden [N, d] @ weight [V, d].T with fp32 accumulation, as the loss computes them.
 
@@ -419,10 +422,18 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.is_cuda and _mm_out_dtype:
         try:
             return torch.mm(hidden.to(weight.dtype), weight.T, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not a missing feature
         except (TypeError, RuntimeError, NotImplementedError):  # torch < 2.8, or a dtype it lacks
             _mm_out_dtype = False
-            _warn_once("torch.mm(out_dtype=float32) is unavailable: the LM head casts its weight to fp32 each step")
-    return F.linear(hidden.float(), weight.float())
+            _warn_once("torch.mm(out_dtype=float32) is unavailable: the LM head casts its weight to fp32 "
+                       "in vocabulary chunks each step")
+    # fp32 copies of LM_HEAD_CHUNK vocabulary rows at a time, never of the whole [V, d] weight.
+    h32 = hidden.float()
+    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    for v0 in range(0, weight.shape[0], LM_HEAD_CHUNK):
+        out[:, v0:v0 + LM_HEAD_CHUNK] = F.linear(h32, weight[v0:v0 + LM_HEAD_CHUNK].float())
+    return out
 
 
 def _copy_indices(copies: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -40,16 +40,16 @@ class MathTask(DatasetTask):
         self.train_file = None
         if train_file is not None:
             path = Path(train_file).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"math: train_file not found: {path} (the README's Tasks section says how to make the ~12k "
-                    "split; without train_file the task trains on the 7.5k MATH-lighteval set)")
             if path.suffix != ".jsonl":
                 raise TaskDataError(f"math: train_file must be a .jsonl file (one JSON object per line), got {path}")
-            self.train_file = path
+            self.train_file = path  # read (and checked) only when the train split is asked for
 
     def _load(self, split: str) -> list[Item]:
         if split == "train" and self.train_file is not None:
+            if not self.train_file.is_file():
+                raise FileNotFoundError(
+                    f"math: train_file not found: {self.train_file} (the README's Tasks section says how to make "
+                    "the ~12k split; without train_file the task trains on the 7.5k MATH-lighteval set)")
             return self._load_train_file(self.train_file)
         return super()._load(split)
 
@@ -74,10 +74,11 @@ class MathTask(DatasetTask):
                             f"{', '.join(TRAIN_FILE_FIELDS)}; optional {', '.join(TRAIN_FILE_OPTIONAL)})")
                     if not isinstance(row[field], str) or not row[field].strip():
                         raise TaskDataError(f"{where}: field {field!r} is empty or not text: {row[field]!r}")
-                gold, solution = self.parse_answer(row["solution"], where)
                 answer = row.get("answer")
                 if answer is not None and str(answer).strip():  # PRM800K's own gold wins over the box
-                    gold = str(answer).strip()
+                    gold, solution = str(answer).strip(), row["solution"]
+                else:
+                    gold, solution = self.parse_answer(row["solution"], where)
                 ident = row.get("unique_id") or f"{self.name}-train-{len(items)}"
                 items.append(Item(id=str(ident), question=row["problem"], answer=gold, solution=solution))
         return items

@@ -34,9 +34,9 @@ rules (a clean implementation, not a port), working on offsets into the original
    joins the next), so no step is whitespace-only unless the whole text is.
 
 On the 500 MATH-500 reference solutions this gives the same steps as the authors' splitter
-for every solution measured (README, Tasks); `engine.rl.steps.split_steps(text, "math")` is
-the earlier re-implementation (lengths measured on the real text, text cuts before the
-space), kept as an option.
+for every solution measured (README, Tasks). It is what the "math" step style runs;
+`engine.rl.steps.split_steps(text, "math-legacy")` is the earlier re-implementation (lengths
+measured on the real text, text cuts before the space), kept as an option.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ shared parameters, resume, divergence handling and bad configs."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -152,6 +153,24 @@ def test_eval_splits_protocol_and_majority_vote(tmp_path, monkeypatch):
         assert row[f"eval_{split}_accuracy"] == pytest.approx(1 / 3)
         assert row[f"eval_{split}_majority_accuracy"] == 0.0
     assert row["eval_accuracy"] == row["eval_test_accuracy"] and row["eval_majority_accuracy"] == 0.0
+
+
+def test_validation_carve_is_the_same_in_another_process(tmp_path):
+    # --resume rebuilds the trainer in a new process: the held-out items must not depend on it
+    # (a per-process hash seed would move them).
+    import subprocess
+    import sys
+
+    trainer = make_trainer(fast_config(tmp_path, eval_splits=["test", "validation"], validation_items=6))
+    held = sorted({it.id for it in trainer.task.items("train")} - {it.id for it in trainer.train_items})
+    code = ("import random\n"
+            "from engine.tasks import load_task\n"
+            f"items = load_task('arithmetic', **{trainer.cfg.task_args!r}).items('train')\n"
+            "order = list(items); random.Random('validation-split').shuffle(order)\n"
+            "print(','.join(sorted(it.id for it in order[-6:])))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert len(held) == 6 and ",".join(held) == out
 
 
 @pytest.mark.parametrize("splits", [["dev"], [], ["test", "test"], "test"])

@@ -331,8 +331,10 @@ def test_math_train_file_missing_field_names_file_and_field(tmp_path, field):
 
 
 def test_math_train_file_bad_inputs(tmp_path):
+    lazy = load_task("math", data="sample", train_file=tmp_path / "nope.jsonl")
+    assert lazy.items("test")  # the test split does not need the train file (engine.evaluate)
     with pytest.raises(FileNotFoundError, match="train_file not found: .*nope.jsonl"):
-        load_task("math", data="sample", train_file=tmp_path / "nope.jsonl")
+        lazy.items("train")
     parquet = tmp_path / "x.parquet"
     parquet.write_text("")
     with pytest.raises(TaskDataError, match="must be a .jsonl file"):
@@ -358,3 +360,10 @@ def test_final_answers_follow_each_tasks_grading():
     math = load_task("math", data="sample")
     assert math.final_answer("so $x = \\boxed{\\frac{1}{2}}$.") == math.final_answer("The answer is \\boxed{\\frac12}")
     assert math.final_answer("I give up") is None
+
+
+def test_math_train_file_answer_field_spares_parsing_the_solution(tmp_path):
+    # A multi-line solution without a box is fine when the row gives its answer.
+    path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "1+1?", "solution": "We add.\nSo two.", "answer": "2"}])
+    (item,) = load_task("math", data="sample", train_file=path).items("train")
+    assert (item.answer, item.solution) == ("2", "We add.\nSo two.")
