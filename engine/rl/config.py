@@ -23,7 +23,7 @@ EVAL_SPLITS = ("test", "validation", "train")
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
-Algo = Literal["vineppo", "ppo", "grpo", "rloo"]
+Algo = Literal["vineppo", "ppo", "grpo", "rloo", "restem", "dpo+"]
 ALGOS: tuple[str, ...] = get_args(Algo)
 
 
@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # ---- what to train
-    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo
+    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo | restem | dpo+
     task: str = "arithmetic"           # gsm8k | math | arithmetic
     task_args: dict = field(default_factory=dict)  # keyword options of load_task (data=, steps=, ...)
     model: str | None = None           # HF checkpoint folder; None = the built-in tiny model
@@ -66,6 +66,13 @@ class TrainConfig:
     critic_lr: float | None = None     # None = lr
     # ---- GRPO
     grpo_scale_by_std: bool = True     # False = Dr.GRPO (no std division, constant length normaliser)
+    # ---- RestEM and DPO+ (epochs = passes over the iteration's data, the authors' 8; a fresh
+    # AdamW and warmup/decay schedule each iteration, since the amount of data varies)
+    restem_max_per_prompt: int | None = None  # cap on kept correct samples per prompt; None = all
+    restem_from_base: bool = True      # fine-tune the starting model each iteration (ReST-EM), else continue
+    dpo_beta: float = 0.1              # the authors' dpo_beta
+    dpo_nll_coef: float = 50.0         # the authors' dpo_positive_lambda (hinge NLL of the chosen response)
+    dpo_max_pairs_per_prompt: int | None = 8  # the authors' max_pairs_per_question; None = all pairs
     # ---- update
     epochs: int = 2
     minibatch_size: int = 64           # episodes per optimizer step
@@ -154,7 +161,7 @@ class TrainConfig:
         if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
             raise ConfigError(f"sft_steps must be an integer >= 0, got {self.sft_steps!r}")
         n = self.episodes_per_iteration
-        if n % self.minibatch_size:
+        if self.algo not in ("restem", "dpo+") and n % self.minibatch_size:
             raise ConfigError(
                 f"a batch of {n} episodes ({self.prompts_per_iteration} prompts x {self.samples_per_prompt} samples) "
                 f"does not divide into minibatches of {self.minibatch_size}")
@@ -164,6 +171,19 @@ class TrainConfig:
         if self.algo in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ConfigError(f"{self.algo} compares the samples of a prompt: samples_per_prompt must be >= 2, "
                               f"got {self.samples_per_prompt}")
+        for name in ("restem_max_per_prompt", "dpo_max_pairs_per_prompt"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        if not isinstance(self.restem_from_base, bool):
+            raise ConfigError(f"restem_from_base must be true or false, got {self.restem_from_base!r}")
+        if not (isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < math.inf):
+            raise ConfigError(f"dpo_beta must be a positive number, got {self.dpo_beta!r}")
+        if not (isinstance(self.dpo_nll_coef, (int, float)) and 0 <= self.dpo_nll_coef < math.inf):
+            raise ConfigError(f"dpo_nll_coef must be a number >= 0, got {self.dpo_nll_coef!r}")
+        if self.algo == "dpo+" and self.samples_per_prompt < 2:
+            raise ConfigError(f"dpo+ pairs a prompt's correct and incorrect samples: samples_per_prompt must be "
+                              f">= 2, got {self.samples_per_prompt}")
         for name in ("lr", "sft_lr", "temperature"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")

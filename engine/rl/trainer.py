@@ -15,6 +15,10 @@ Per iteration:
 5. `engine.invalidate_cache()`: the Engine reads the same parameter tensors the optimizer just
    changed (it holds the module, not a copy), so its cached KV is now stale.
 
+RestEM and DPO+ (`_offline_iteration`) share step 1, then train on the iteration's correct
+samples (RestEM: cross-entropy) or (correct, incorrect) pairs (DPO+: DPO-Positive against the
+frozen reference) for `epochs` passes, with a fresh optimizer each iteration.
+
 Held-out evaluation every `eval_every` iterations; one metrics row per iteration in
 <run_dir>/metrics.jsonl; checkpoints (HF model + optimizer, scheduler, RNG and critic state)
 every `save_every` iterations; `resume=True` continues from the latest one exactly.
@@ -27,6 +31,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl import advantages as adv_lib
 from engine.rl.config import ConfigError, TrainConfig, config_from_run, dump_config
 from engine.rl.loss import ppo_loss
+from engine.rl.offline import dpo_pairs, dpop_loss, restem_select
 from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
 from engine.rl.steps import step_token_ends
@@ -145,7 +151,7 @@ def _tuples(x):
 
 
 class Trainer:
-    """VinePPO / PPO / GRPO / RLOO on a model the Engine samples from directly."""
+    """VinePPO / PPO / GRPO / RLOO / RestEM / DPO+ on a model the Engine samples from directly."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
@@ -184,7 +190,11 @@ class Trainer:
         if self.tokenizer is None:
             raise ValueError(f"{start_dir} has no tokenizer files; the trainer needs one to read and grade responses")
         self.policy.gradient_checkpointing = cfg.gradient_checkpointing
-        self.ref = self._frozen_copy(start_dir) if cfg.kl_coef > 0 else None
+        # The frozen starting model: PPO's KL reference, DPO+'s reference, RestEM's base.
+        self.ref = (self._frozen_copy(start_dir)
+                    if cfg.algo == "dpo+" or (cfg.algo == "restem" and cfg.restem_from_base)
+                    or (cfg.algo != "restem" and cfg.kl_coef > 0)  # (RestEM has no KL term)
+                    else None)
         self.critic: ValueModel | None = None
         if cfg.algo == "ppo":
             body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
@@ -307,6 +317,8 @@ class Trainer:
                                    self.progress and "sampling")
         times["sample"] = time.perf_counter() - t0
         row["sample_tokens_per_s"] = sum(e.num_tokens for e in episodes) / times["sample"]
+        if cfg.algo in ("restem", "dpo+"):
+            return self._offline_iteration(row, episodes, times)
 
         t0 = time.perf_counter()
         self.engine.stats.reset()
@@ -347,6 +359,133 @@ class Trainer:
             lr=self.sched.get_last_lr()[0],
         )
         return row
+
+    # ------------------------------------------------------------------ RestEM and DPO+
+    def _offline_iteration(self, row: dict, episodes: list[Episode], times: dict[str, float]) -> dict:
+        """RestEM or DPO+ on the sampled episodes: build the data, then `epochs` passes over it."""
+        cfg = self.cfg
+        rng = random.Random(f"{cfg.algo}-data-{cfg.seed}-{self.iteration}")
+        t0 = time.perf_counter()
+        if cfg.algo == "restem":
+            kept = restem_select(episodes, cfg.restem_max_per_prompt, rng)
+            row.update(restem_kept=len(kept), restem_kept_frac=len(kept) / len(episodes))
+            if cfg.restem_from_base:
+                # ReST-EM fine-tunes the starting model on each iteration's data, not the last
+                # iteration's model. Copy in place: the Engine reads these very tensors.
+                with torch.no_grad():
+                    for p, q in zip(self.policy.parameters(), self.ref.parameters(), strict=True):
+                        p.copy_(q)
+            units: list = kept
+            empty = "no correct sample"
+        else:
+            found = dpo_pairs(episodes, cfg.dpo_max_pairs_per_prompt, rng)
+            row.update(dpo_pairs=len(found.pairs), dpo_prompts_without_pair=found.prompts_without_pair,
+                       dpo_prompts_without_pair_frac=found.prompts_without_pair / found.prompts)
+            units = found.pairs
+            empty = "no prompt has both a correct and an incorrect sample"
+            if units:
+                self._reference_seq_logprobs({id(e): e for pair in units for e in pair}.values())
+        times["data"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if units:
+            row.update(self._offline_update(units), update_skipped=0)
+        else:  # nothing to learn from: the weights stay as they are (RestEM from base: the base model)
+            warnings.warn(f"{cfg.algo} iteration {self.iteration}: {empty}; the update is skipped", RuntimeWarning,
+                          stacklevel=2)
+            row.update(update_skipped=1, optimizer_steps=0, lr=0.0)
+        times["update"] = time.perf_counter() - t0
+        self.engine.invalidate_cache()  # the weights changed in place (or were reset): cached KV is stale
+        rewards = np.array([e.reward for e in episodes])
+        row.update(
+            reward_mean=float(rewards.mean()), train_accuracy=float((rewards == 1.0).mean()),
+            response_length=float(np.mean([e.num_tokens for e in episodes])),
+            truncated_frac=float(np.mean([e.finish_reason == "length" for e in episodes])),
+            unfinished_frac=float(np.mean([e.finish_reason == "unfinished" for e in episodes])),
+            **{f"time_{k}": round(v, 3) for k, v in times.items()},
+        )
+        return row
+
+    @torch.no_grad()
+    def _reference_seq_logprobs(self, episodes) -> None:
+        """Each episode's summed reference log-prob (DPO+), at the sampling temperature as PPO's."""
+        episodes = list(episodes)
+        if self.cfg.ref_offload:
+            self.ref.to(self.device)
+        for chunk in _chunks(episodes, self.cfg.micro_batch_size):
+            packed = Packed.build(chunk, self.device)
+            lp = self._token_logprobs(self.ref, packed)
+            for ep, seq in zip(chunk, lp.split(packed.lengths)):
+                ep.ref_logprobs = seq.float().cpu()
+        if self.cfg.ref_offload:
+            self.ref.to("cpu")
+
+    def _offline_update(self, units: list) -> dict[str, float]:
+        """`epochs` shuffled passes over RestEM episodes or DPO+ pairs: one AdamW step per
+        `minibatch_size` units (the last one may be smaller), micro-batches of `micro_batch_size`
+        units. A fresh optimizer and warmup/decay schedule each iteration (the data size varies);
+        self.opt / self.sched point at them so checkpoints hold the live state."""
+        cfg = self.cfg
+        rng = random.Random(f"minibatches-{cfg.seed}-{self.iteration}")
+        steps = cfg.epochs * math.ceil(len(units) / cfg.minibatch_size)
+        self.opt = AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(steps, cfg.warmup_ratio,
+                                                                                       cfg.warmup_type))
+        self.policy.train()
+        sums: dict[str, float] = {}
+        lr = self.sched.get_last_lr()[0]
+        for epoch in range(cfg.epochs):
+            order = list(range(len(units)))
+            rng.shuffle(order)
+            for start in range(0, len(order), cfg.minibatch_size):
+                minibatch = [units[i] for i in order[start: start + cfg.minibatch_size]]
+                where = f"iteration {self.iteration}, epoch {epoch}, minibatch {start // cfg.minibatch_size}"
+                self.opt.zero_grad(set_to_none=True)
+                stats: dict[str, float] = {}
+                for micro in _chunks(minibatch, cfg.micro_batch_size):
+                    part = self._restem_backward(micro, minibatch) if cfg.algo == "restem" else \
+                        self._dpo_backward(micro, len(minibatch))
+                    if not math.isfinite(part["loss"]):
+                        raise TrainingDiverged(f"non-finite {cfg.algo} loss at {where}; the update was not applied "
+                                               f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+                    for k, v in part.items():
+                        stats[k] = stats.get(k, 0.0) + v
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and "
+                                           f"the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
+                lr = self.sched.get_last_lr()[0]
+                self.opt.step()
+                self.sched.step()
+                stats["grad_norm"] = float(grad_norm)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        self.policy.eval()
+        out = {k: v / steps for k, v in sums.items()}  # minibatch means, averaged over the steps
+        out.update(optimizer_steps=steps, lr=lr)
+        return out
+
+    def _restem_backward(self, micro: list[Episode], minibatch: list[Episode]) -> dict[str, float]:
+        """Cross-entropy (temperature 1) of the response tokens, token mean over the minibatch."""
+        num_tokens = sum(e.num_tokens for e in minibatch)
+        packed = Packed.build(micro, self.device)
+        lp = self._token_logprobs(self.policy, packed, temperature=1.0)
+        loss = -lp.sum() / num_tokens
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def _dpo_backward(self, micro: list[tuple[Episode, Episode]], num_pairs: int) -> dict[str, float]:
+        """DPO+ on a micro-batch of pairs: chosen and rejected responses packed in one forward."""
+        cfg = self.cfg
+        episodes = [c for c, _ in micro] + [r for _, r in micro]  # chosen first, then rejected
+        packed = Packed.build(episodes, self.device)
+        lp = self._token_logprobs(self.policy, packed)
+        seq = torch.stack([t.sum() for t in lp.split(packed.lengths)])
+        ref = torch.stack([e.ref_logprobs.sum() for e in episodes]).to(seq.device)
+        m = len(micro)
+        loss, stats = dpop_loss(seq[:m], seq[m:], ref[:m], ref[m:], beta=cfg.dpo_beta, nll_coef=cfg.dpo_nll_coef,
+                                num_pairs=num_pairs)
+        loss.backward()
+        return {"loss": loss.item(), **{k: v / num_pairs for k, v in stats.items()}}
 
     # ------------------------------------------------------------------ values and advantages
     def _values_and_advantages(self, episodes: list[Episode]) -> MCStats | None:
@@ -392,9 +531,12 @@ class Trainer:
         return step_token_ends(ep.response_ids, self.tokenizer, style)
 
     # ------------------------------------------------------------------ log-probs
-    def _token_logprobs(self, model: Transformer, packed: Packed, with_entropy: bool = False):
+    def _token_logprobs(self, model: Transformer, packed: Packed, with_entropy: bool = False,
+                        temperature: float | None = None):
+        """Log-probs of the response tokens, from logits / temperature (default: the sampling one)."""
         hidden = model.hidden_states(packed.ids, cu_seqlens=packed.cu)[0][packed.rows]
-        return fused_logprobs(hidden, model.lm_head_weight, packed.targets, self.cfg.temperature, with_entropy)
+        t = self.cfg.temperature if temperature is None else temperature
+        return fused_logprobs(hidden, model.lm_head_weight, packed.targets, t, with_entropy)
 
     @torch.no_grad()
     def _logprobs(self, episodes: list[Episode]) -> None:
