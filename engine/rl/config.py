@@ -68,8 +68,9 @@ class TrainConfig:
     grpo_scale_by_std: bool = True     # False = Dr.GRPO (no std division, constant length normaliser)
     # ---- RestEM and DPO+ (epochs = passes over the iteration's data, the authors' 8; a fresh
     # AdamW and warmup/decay schedule each iteration, since the amount of data varies)
-    restem_max_per_prompt: int | None = None  # cap on kept correct samples per prompt; None = all
-    restem_from_base: bool = True      # fine-tune the starting model each iteration (ReST-EM), else continue
+    # the authors' max_response_per_question default (from the ReST-EM paper); None = all
+    restem_max_per_prompt: int | None = 10  # cap on kept correct samples per prompt
+    restem_from_base: bool = True      # fine-tune the starting model each iteration (ReST-EM, the authors' trainer), else continue
     dpo_beta: float = 0.1              # the authors' dpo_beta
     dpo_nll_coef: float = 50.0         # the authors' dpo_positive_lambda (hinge NLL of the chosen response)
     dpo_max_pairs_per_prompt: int | None = 8  # the authors' max_pairs_per_question; None = all pairs

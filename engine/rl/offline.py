@@ -61,9 +61,9 @@ def dpo_pairs(episodes: Sequence[Episode], max_per_prompt: int | None, rng: rand
     """(chosen, rejected) pairs per prompt: every (correct, incorrect) combination of its
     samples, then a random `max_per_prompt` of them (drawn with `rng`) when there are more.
 
-    The authors cap pairs per question (`max_pairs_per_question: 8`); how they choose among
-    the combinations is not in their configs, so a uniform random subset is used. A prompt
-    with no correct or no incorrect sample gives no pair and is counted.
+    As the authors' math_dpo_positive_episode_generator: all combinations, then a uniform
+    random subset without replacement (`max_pairs_per_question: 8`). A prompt with no correct
+    or no incorrect sample gives no pair and is counted.
     """
     pairs: list[tuple[Episode, Episode]] = []
     groups = _by_prompt(episodes)
