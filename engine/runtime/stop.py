@@ -64,18 +64,27 @@ class StopMatcher:
     def update(self, seq: Sequence, token: int) -> bool:
         """Account for `token`, just appended to seq.tokens; True if a stop string now ends in generated text."""
         stop = seq.params.stop
-        keep = self.keep(stop)
+        keep = self._keep.get(stop)
+        if keep is None:
+            keep = self.keep(stop)
         pieces = self._pieces if self._pieces is not None else self.pieces
         piece = pieces[token] if token < len(pieces) else ""
         if piece is None or len(seq.tokens) - seq.prompt_len == 1:
             # Exact path: the last tokens decoded together, the prompt's tail included while
             # the generation is short; matches must end past the prompt's own text.
             text, boundary = self._decode_tail(seq, keep)
-        else:
-            text = seq.stop_tail + piece
-            boundary = len(seq.stop_tail)  # a match ending in the tail was there before (or is the prompt's)
+            seq.stop_tail = text[-keep:] if keep else ""
+            return find_stop(text, stop, boundary) >= 0
+        # Fast path (every row, every step): find_stop inlined. A match ending in the tail was
+        # seen before (or is the prompt's), so only matches reaching into `piece` count.
+        tail = seq.stop_tail
+        text = tail + piece
         seq.stop_tail = text[-keep:] if keep else ""
-        return find_stop(text, stop, boundary) >= 0
+        boundary = len(tail)
+        for s in stop:
+            if text.find(s, max(0, boundary - len(s) + 1)) >= 0:
+                return True
+        return False
 
     def cut(self, seq: Sequence, text: str) -> str:
         """`text`, the generation decoded on its own, cut before the stop string that stopped `seq`.
