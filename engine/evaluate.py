@@ -34,16 +34,11 @@ PROTOCOL = {"gsm8k": dict(top_p=0.9, max_new_tokens=1024), "math": dict(top_p=0.
 DEFAULT_PROTOCOL = dict(top_p=1.0, max_new_tokens=512)
 
 
-def final_answer(task: Task, response: str) -> str | None:
-    """The response's final answer in the task's canonical form, for majority voting (Task.final_answer)."""
-    return task.final_answer(response)
-
-
 def majority_vote(task: Task, texts: list[str]) -> tuple[str | None, int | None]:
     """(the most frequent final answer, the index of a sample giving it) over ALL samples, as in
     the reference: a sample without an answer votes for None (cut ones are read too), and a
     None winner is wrong. Ties go to the answer seen first."""
-    answers = [final_answer(task, t) for t in texts]
+    answers = [task.final_answer(t) for t in texts]
     top = Counter(answers).most_common(1)[0][0] if answers else None
     return top, (answers.index(top) if answers else None)
 
@@ -90,7 +85,7 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     records, pass1, maj, passn = [], 0.0, 0, 0
     for item, samples in tqdm(list(zip(items, outputs)), desc="grade"):
         rewards = [task.reward(c.text, item, c.finish_reason) for c in samples]
-        answers = [final_answer(task, c.text) for c in samples]
+        answers = [task.final_answer(c.text) for c in samples]
         majority, _ = majority_vote(task, [c.text for c in samples])
         maj_correct = majority_correct(task, item, [c.text for c in samples])
         pass1 += sum(rewards) / n

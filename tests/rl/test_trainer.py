@@ -389,16 +389,22 @@ def test_stop_string_tokens_are_replaced_by_eos():
     assert kept == tok.encode("x = 4\n#### 4") + [tok.eos_token_id]
 
 
+def inflate_training_logprobs(trainer: Trainer, monkeypatch, nats: float = 5.0) -> None:
+    """Add `nats` to the log-probs the update computes (with grad): every ratio becomes e^nats."""
+    real = trainer._token_logprobs
+
+    def inflated(model, packed, with_entropy=False):
+        out = real(model, packed, with_entropy)
+        return out + nats if torch.is_grad_enabled() and not with_entropy else out
+
+    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+
+
 def test_far_off_policy_micro_batches_are_skipped(tmp_path, monkeypatch):
     # Inflate the training log-probs by 5 nats: every ratio is e^5 > 10, so VinePPO's guard
     # skips every micro-batch and the weights stay as they were.
     trainer = make_trainer(fast_config(tmp_path, iterations=1, kl_coef=0.0))
-    real = trainer._token_logprobs
-    def inflated(model, packed, with_entropy=False):
-        out = real(model, packed, with_entropy)
-        return out + 5.0 if torch.is_grad_enabled() and not with_entropy else out
-
-    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+    inflate_training_logprobs(trainer, monkeypatch)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     row = trainer.train_iteration()
     # 2 epochs x 2 minibatches x 2 micro-batches, averaged per minibatch step
@@ -409,13 +415,7 @@ def test_far_off_policy_micro_batches_are_skipped(tmp_path, monkeypatch):
 def test_a_skipped_micro_batch_still_trains_the_critic(tmp_path, monkeypatch):
     # As in the reference, the ratio guard skips only the policy's gradient.
     trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, kl_coef=0.0))
-    real = trainer._token_logprobs
-
-    def inflated(model, packed, with_entropy=False):
-        out = real(model, packed, with_entropy)
-        return out + 5.0 if torch.is_grad_enabled() and not with_entropy else out
-
-    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+    inflate_training_logprobs(trainer, monkeypatch)
     policy = [p.detach().clone() for p in trainer.policy.parameters()]
     head = trainer.critic.head.weight.detach().clone()
     row = trainer.train_iteration()
