@@ -20,10 +20,15 @@ from engine.rl.loss import Aggregation, KLEstimator
 from engine.rl.optim import WARMUP_TYPES
 
 EVAL_SPLITS = ("test", "validation", "train")
+RESTEM_EARLY_STOP = ("off", "first-drop", "best")
+JUDGES = ("model", "rule")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+ALL = "all"  # prompts_per_iteration: every train item, each iteration
+PER_ALGO = "per_algo"  # a preset's section of values that apply only to one algorithm
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
-Algo = Literal["vineppo", "ppo", "grpo", "rloo", "restem", "dpo+"]
+Algo = Literal["vineppo", "ppo", "grpo", "rloo", "restem", "dpo+", "capo"]
 ALGOS: tuple[str, ...] = get_args(Algo)
 
 
@@ -34,7 +39,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # ---- what to train
-    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo | restem | dpo+
+    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo | restem | dpo+ | capo
     task: str = "arithmetic"           # gsm8k | math | arithmetic
     task_args: dict = field(default_factory=dict)  # keyword options of load_task (data=, steps=, ...)
     model: str | None = None           # HF checkpoint folder; None = the built-in tiny model
@@ -48,7 +53,7 @@ class TrainConfig:
     sft_lr: float = 1e-5
     # ---- sampling (trajectories)
     iterations: int = 1000
-    prompts_per_iteration: int = 64
+    prompts_per_iteration: int | str = 64  # or "all": the whole train split (less validation) each iteration
     samples_per_prompt: int = 8
     temperature: float = 0.6
     top_p: float = 0.9
@@ -71,9 +76,28 @@ class TrainConfig:
     # the authors' max_response_per_question default (from the ReST-EM paper); None = all
     restem_max_per_prompt: int | None = 10  # cap on kept correct samples per prompt
     restem_from_base: bool = True      # fine-tune the starting model each iteration (ReST-EM, the authors' trainer), else continue
+    # which of the iteration's models samples next, by validation accuracy after each epoch (epoch 0 =
+    # the weights before training): off = the last; first-drop = train while accuracy rises, keep the
+    # last model before the first epoch that does not improve (ReST-EM's early stopping, the authors'
+    # default "restem_paper_original"); best = the most accurate of all epochs
+    restem_early_stop: str = "off"
     dpo_beta: float = 0.1              # the authors' dpo_beta
     dpo_nll_coef: float = 50.0         # the authors' dpo_positive_lambda (hinge NLL of the chosen response)
     dpo_max_pairs_per_prompt: int | None = 8  # the authors' max_pairs_per_question; None = all pairs
+    # ---- CAPO (algo = capo): a frozen judge flags each response's wrong steps, `capo_votes`
+    # critiques vote, R_t = reward * capo_w_whole - [t in a flagged step] * capo_w_process,
+    # normalised over all tokens of a prompt's samples (trainers.md section 5)
+    judge: str = "model"               # model (an LLM through its own Engine) | rule (exact checker, arithmetic only)
+    judge_model: str | None = None     # the judge's HF checkpoint; None = the frozen starting policy
+    judge_oracle: str | None = None    # rule: also score the judge's flags against the rule checker (arithmetic)
+    capo_votes: int = 4                # critiques per response (the paper's k)
+    capo_voting: str = "intersection"  # intersection | majority | union
+    capo_judge_temperature: float = 0.7
+    capo_judge_top_p: float = 1.0
+    capo_judge_max_new_tokens: int = 256
+    capo_show_answer: bool = True      # put the gold final answer in the judge's prompt (the paper does)
+    capo_w_whole: float = 2.0          # weight of the 0/1 outcome reward
+    capo_w_process: float = 1.0        # penalty per token of a flagged step
     # ---- update
     epochs: int = 2
     minibatch_size: int = 64           # episodes per optimizer step
@@ -119,14 +143,30 @@ class TrainConfig:
     stop_after: int | None = None      # stop after this iteration as if interrupted (resume later)
 
     # ------------------------------------------------------------------ derived values
-    @property
-    def episodes_per_iteration(self) -> int:
+    def episodes_per_iteration(self, num_train_items: int | None = None) -> int:
+        """Episodes sampled per iteration; prompts_per_iteration "all" needs the train split's size."""
+        if self.prompts_per_iteration == ALL:
+            if num_train_items is None:
+                raise ValueError('prompts_per_iteration is "all": pass the number of train items')
+            return num_train_items * self.samples_per_prompt
         return self.prompts_per_iteration * self.samples_per_prompt
+
+    def check_batch_division(self, num_train_items: int | None = None) -> None:
+        """The on-policy algorithms split an iteration's episodes into equal minibatches."""
+        if self.algo in ("restem", "dpo+") or (self.prompts_per_iteration == ALL and num_train_items is None):
+            return
+        n = self.episodes_per_iteration(num_train_items)
+        if n % self.minibatch_size:
+            prompts = num_train_items if self.prompts_per_iteration == ALL else self.prompts_per_iteration
+            source = " (all train items)" if self.prompts_per_iteration == ALL else ""
+            raise ConfigError(
+                f"a batch of {n} episodes ({prompts} prompts{source} x {self.samples_per_prompt} samples) "
+                f"does not divide into minibatches of {self.minibatch_size}")
 
     @property
     def whiten(self) -> bool:
         if self.whiten_advantages == "auto":
-            return self.algo in ("vineppo", "ppo")
+            return self.algo in ("vineppo", "ppo")  # grpo, rloo and capo normalise within groups
         return bool(self.whiten_advantages)
 
     def validate(self) -> "TrainConfig":
@@ -144,7 +184,7 @@ class TrainConfig:
             raise ConfigError(f"model directory {self.model} does not exist")
         if self.step_split not in ("task", "newline", "math", "math-legacy", "chunks"):
             raise ConfigError(f"step_split must be task, newline, math, math-legacy or chunks; got {self.step_split!r}")
-        positive = ["iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+        positive = ["iterations", "samples_per_prompt", "max_new_tokens", "epochs",
                     "minibatch_size", "micro_batch_size", "chunk_tokens", "page_size", "max_num_seqs",
                     "max_batch_tokens", "eval_every", "eval_items", "eval_samples", "save_every",
                     "keep_checkpoints", "sft_batch_size"]
@@ -152,6 +192,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        ppi = self.prompts_per_iteration
+        if ppi != ALL and (not isinstance(ppi, int) or isinstance(ppi, bool) or ppi < 1):
+            raise ConfigError(f'prompts_per_iteration must be an integer >= 1 or "all", got {ppi!r}')
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k (MC rollouts per state) must be an integer >= 1, got {self.k!r}")
         for name in ("max_states_per_response", "mc_max_new_tokens", "eval_max_new_tokens", "stop_after",
@@ -161,21 +204,23 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer >= 1 or null, got {value!r}")
         if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
             raise ConfigError(f"sft_steps must be an integer >= 0, got {self.sft_steps!r}")
-        n = self.episodes_per_iteration
-        if self.algo not in ("restem", "dpo+") and n % self.minibatch_size:
-            raise ConfigError(
-                f"a batch of {n} episodes ({self.prompts_per_iteration} prompts x {self.samples_per_prompt} samples) "
-                f"does not divide into minibatches of {self.minibatch_size}")
+        self.check_batch_division()
         if self.minibatch_size % self.micro_batch_size:
             raise ConfigError(f"minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}")
-        if self.algo in ("grpo", "rloo") and self.samples_per_prompt < 2:
+        if self.algo in ("grpo", "rloo", "capo") and self.samples_per_prompt < 2:
             raise ConfigError(f"{self.algo} compares the samples of a prompt: samples_per_prompt must be >= 2, "
                               f"got {self.samples_per_prompt}")
         for name in ("restem_max_per_prompt", "dpo_max_pairs_per_prompt"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        if self.restem_early_stop not in RESTEM_EARLY_STOP:
+            raise ConfigError(f"restem_early_stop must be one of {', '.join(RESTEM_EARLY_STOP)}, "
+                              f"got {self.restem_early_stop!r}")
+        if self.algo == "restem" and self.restem_early_stop != "off" and "validation" not in self.eval_splits:
+            raise ConfigError(f"restem_early_stop {self.restem_early_stop} picks epochs by validation accuracy: "
+                              f"add validation to eval_splits (got {self.eval_splits!r})")
         if not isinstance(self.restem_from_base, bool):
             raise ConfigError(f"restem_from_base must be true or false, got {self.restem_from_base!r}")
         if not (isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < math.inf):
@@ -185,6 +230,7 @@ class TrainConfig:
         if self.algo == "dpo+" and self.samples_per_prompt < 2:
             raise ConfigError(f"dpo+ pairs a prompt's correct and incorrect samples: samples_per_prompt must be "
                               f">= 2, got {self.samples_per_prompt}")
+        self._validate_capo()
         for name in ("lr", "sft_lr", "temperature"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -231,6 +277,44 @@ class TrainConfig:
             raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas!r}")
         return self
 
+    def _validate_capo(self) -> None:
+        from engine.rl.capo import VOTING_MODES
+
+        if self.judge not in JUDGES:
+            raise ConfigError(f"judge must be one of {', '.join(JUDGES)}, got {self.judge!r}")
+        if self.judge_oracle not in (None, "rule"):
+            raise ConfigError(f"judge_oracle must be rule or null, got {self.judge_oracle!r}")
+        if self.algo == "capo" and (self.judge == "rule" or self.judge_oracle == "rule") and self.task != "arithmetic":
+            raise ConfigError(f"the rule judge checks the arithmetic task's lines `a op b = c`; task is {self.task!r}")
+        if self.algo == "capo" and self.step_split == "chunks":
+            raise ConfigError("capo needs reasoning steps a judge can read: step_split chunks is not supported "
+                              "(use task, newline or math)")
+        if not isinstance(self.capo_votes, int) or isinstance(self.capo_votes, bool) or self.capo_votes < 1:
+            raise ConfigError(f"capo_votes must be an integer >= 1, got {self.capo_votes!r}")
+        if self.capo_voting not in VOTING_MODES:
+            raise ConfigError(f"capo_voting must be one of {', '.join(VOTING_MODES)}, got {self.capo_voting!r}")
+        if not (isinstance(self.capo_w_process, (int, float)) and 0 <= self.capo_w_process < math.inf):
+            raise ConfigError(f"capo_w_process must be a number >= 0 (a penalty), got {self.capo_w_process!r}")
+        if not (isinstance(self.capo_w_whole, (int, float)) and 0 < self.capo_w_whole < math.inf):
+            raise ConfigError(f"capo_w_whole must be a positive number, got {self.capo_w_whole!r}")
+        if not (isinstance(self.capo_judge_temperature, (int, float)) and 0 <= self.capo_judge_temperature < math.inf):
+            raise ConfigError(f"capo_judge_temperature must be a number >= 0, got {self.capo_judge_temperature!r}")
+        if not 0 < self.capo_judge_top_p <= 1:
+            raise ConfigError(f"capo_judge_top_p must be in (0, 1], got {self.capo_judge_top_p}")
+        if (not isinstance(self.capo_judge_max_new_tokens, int) or isinstance(self.capo_judge_max_new_tokens, bool)
+                or self.capo_judge_max_new_tokens < 1):
+            raise ConfigError(f"capo_judge_max_new_tokens must be an integer >= 1, got "
+                              f"{self.capo_judge_max_new_tokens!r}")
+        if not isinstance(self.capo_show_answer, bool):
+            raise ConfigError(f"capo_show_answer must be true or false, got {self.capo_show_answer!r}")
+        if self.algo == "capo" and self.judge == "model" and self.judge_model is not None:
+            judge_dir = Path(self.judge_model)
+            if not (judge_dir / "config.json").is_file():
+                raise ConfigError(f"judge_model {judge_dir} is not a Hugging Face checkpoint folder (no config.json)")
+            if not any((judge_dir / name).is_file() for name in TOKENIZER_FILES):
+                raise ConfigError(f"judge_model {judge_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                  f"the judge reads and writes text")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
@@ -261,6 +345,7 @@ def load_config(preset: str = "default", overrides: dict[str, Any] | None = None
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of config keys, got {type(values).__name__}")
     overrides = dict(overrides or {})
+    values = _apply_per_algo(values, overrides.get("algo", values.get("algo", TrainConfig.algo)), path)
     same_task = overrides.get("task", values.get("task")) == values.get("task")
     if same_task and isinstance(values.get("task_args"), dict) and isinstance(overrides.get("task_args"), dict):
         # Key by key: `--task-args '{data: X}'` keeps the preset's other task options (e.g. gsm8k's
@@ -276,6 +361,31 @@ def load_config(preset: str = "default", overrides: dict[str, Any] | None = None
     if "adam_betas" in merged:
         merged["adam_betas"] = tuple(merged["adam_betas"])
     return TrainConfig(**merged).validate()
+
+
+def _apply_per_algo(values: dict[str, Any], algo: str, path: Path) -> dict[str, Any]:
+    """The preset's values with its `per_algo: {<algo>: {...}}` section for `algo` on top.
+
+    A preset tuned for one algorithm (gsm8k: VinePPO) can carry the settings the paper used for
+    the others (RestEM's whole-train-set iterations, DPO+'s 64 samples): `--algo restem
+    --preset gsm8k` then gets them, and command-line flags still override everything.
+    """
+    values = dict(values)
+    sections = values.pop(PER_ALGO, None)
+    if sections is None:
+        return values
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ConfigError(f"{PER_ALGO} in preset {path.name} must map algorithm names to mappings of config keys")
+    unknown = sorted(set(sections) - set(ALGOS))
+    if unknown:
+        raise ConfigError(f"{PER_ALGO} in preset {path.name} names unknown algorithm(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(ALGOS)}")
+    section = dict(sections.get(algo, {}))
+    if PER_ALGO in section or "algo" in section:
+        raise ConfigError(f"{PER_ALGO}.{algo} in preset {path.name} may not set algo or {PER_ALGO}")
+    if isinstance(values.get("task_args"), dict) and isinstance(section.get("task_args"), dict):
+        section["task_args"] = {**values["task_args"], **section["task_args"]}
+    return {**values, **section}
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -57,6 +57,26 @@ class Pairs:
     prompts_without_pair: int            # prompts whose samples were all correct or all incorrect
 
 
+def restem_pick_epoch(accuracies: Sequence[float], mode: str) -> int:
+    """Which epoch's model RestEM keeps, from validation accuracies after epochs 0..E (epoch 0 =
+    the weights before training).
+
+    first-drop: ReST-EM's early stopping (the authors' "restem_paper_original"): walk forward
+    while each epoch is strictly more accurate than the one before; the last such epoch.
+    best: the most accurate epoch (the earliest on ties).
+    """
+    if not accuracies:
+        raise ValueError("restem_pick_epoch needs the accuracy of at least epoch 0")
+    if mode == "first-drop":
+        chosen = 0
+        while chosen + 1 < len(accuracies) and accuracies[chosen + 1] > accuracies[chosen]:
+            chosen += 1
+        return chosen
+    if mode == "best":
+        return max(range(len(accuracies)), key=lambda i: (accuracies[i], -i))
+    raise ValueError(f"unknown RestEM early-stop mode {mode!r}; choose first-drop or best")
+
+
 def dpo_pairs(episodes: Sequence[Episode], max_per_prompt: int | None, rng: random.Random) -> Pairs:
     """(chosen, rejected) pairs per prompt: every (correct, incorrect) combination of its
     samples, then a random `max_per_prompt` of them (drawn with `rng`) when there are more.

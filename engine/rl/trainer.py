@@ -44,12 +44,14 @@ from tqdm import tqdm
 from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends a response
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl import advantages as adv_lib
-from engine.rl.config import ConfigError, TrainConfig, config_from_run, dump_config
-from engine.rl.loss import ppo_loss
-from engine.rl.offline import dpo_pairs, dpop_loss, restem_select
+from engine.rl.config import ALL, ConfigError, TrainConfig, config_from_run, dump_config
+from engine.rl.loss import aggregate, ppo_loss
+from engine.rl.capo import flag_precision_recall, group_token_advantages, rule_wrong_steps, token_rewards, vote
+from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
+from engine.rl.offline import dpo_pairs, dpop_loss, restem_pick_epoch, restem_select
 from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
-from engine.rl.steps import step_token_ends
+from engine.rl.steps import step_spans, step_token_ends
 from engine.runtime import Engine, SamplingParams
 from engine.tasks import Item, Task, TaskDataError, load_task
 from kernels.fused_logprobs import fused_logprobs
@@ -167,6 +169,9 @@ class Trainer:
         self.stop = STOP_STRINGS.get(cfg.task, ())
         self.train_items: list[Item] = self.task.items("train")
         self.eval_sets: dict[str, list[Item]] = self._eval_sets()  # may carve a validation split off the train items
+        cfg.check_batch_division(len(self.train_items))  # prompts_per_iteration "all": known only now
+        self.prompts_per_iteration = (len(self.train_items) if cfg.prompts_per_iteration == ALL
+                                      else cfg.prompts_per_iteration)
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -200,7 +205,8 @@ class Trainer:
             body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
             body.gradient_checkpointing = cfg.gradient_checkpointing
             self.critic = ValueModel(body, seed=cfg.seed)
-        self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration // cfg.minibatch_size)
+        self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration(len(self.train_items))
+                                                 // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
         self.opt = AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(total, cfg.warmup_ratio,
@@ -213,6 +219,7 @@ class Trainer:
         self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
                              max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
                              kv_memory_fraction=cfg.kv_memory_fraction)
+        self.judge = self._make_judge(start_dir) if cfg.algo == "capo" else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._load_latest()
@@ -254,6 +261,25 @@ class Trainer:
             {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
              "seconds": round(time.perf_counter() - t0, 1)}))
         return sft_dir
+
+    def _make_judge(self, start_dir: Path) -> RuleJudge | ModelJudge:
+        """CAPO's judge: the rule checker, or a frozen LLM (judge_model, else the starting
+        policy) served by its own Engine on the training device."""
+        cfg = self.cfg
+        if cfg.judge == "rule":
+            return RuleJudge()
+        path = Path(cfg.judge_model) if cfg.judge_model is not None else start_dir
+        model, tokenizer = load_model(path, dtype=self.dtype, device=self.device)
+        if tokenizer is None:
+            raise ConfigError(f"the judge checkpoint {path} has no tokenizer; the judge reads and writes text")
+        model.eval().requires_grad_(False)
+        # On a GPU the judge's KV pool takes kv_memory_fraction of what the policy's Engine left free.
+        engine = Engine(model, tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
+                        max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
+                        kv_memory_fraction=cfg.kv_memory_fraction)
+        return ModelJudge(engine, votes=cfg.capo_votes, temperature=cfg.capo_judge_temperature,
+                          top_p=cfg.capo_judge_top_p, max_new_tokens=cfg.capo_judge_max_new_tokens,
+                          show_answer=cfg.capo_show_answer, progress=self.progress)
 
     def _frozen_copy(self, path: Path) -> Transformer:
         ref, _ = load_model(path, dtype=self.dtype, device="cpu" if self.cfg.ref_offload else self.device)
@@ -300,7 +326,7 @@ class Trainer:
     def _items_for(self, iteration: int) -> list[Item]:
         """The iteration's prompts: a shuffle of the train set seeded by (seed, iteration), first N."""
         rng = random.Random(f"prompts-{self.cfg.seed}-{iteration}")
-        n = self.cfg.prompts_per_iteration
+        n = self.prompts_per_iteration
         return rng.sample(self.train_items, n) if n <= len(self.train_items) else rng.choices(self.train_items, k=n)
 
     def train_iteration(self) -> dict:
@@ -322,8 +348,12 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.engine.stats.reset()
-        mc = self._values_and_advantages(episodes)
-        times["values"] = time.perf_counter() - t0
+        mc = None
+        if cfg.algo == "capo":
+            row.update(self._capo_advantages(episodes))
+        else:
+            mc = self._values_and_advantages(episodes)
+        times["judge" if cfg.algo == "capo" else "values"] = time.perf_counter() - t0
         if mc is not None:
             s = self.engine.stats
             row.update(mc_states=mc.states, mc_states_requested=mc.states_requested, mc_backfilled=mc.backfilled,
@@ -430,9 +460,12 @@ class Trainer:
         self.opt = AdamW(self.policy.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear_decay(steps, cfg.warmup_ratio,
                                                                                        cfg.warmup_type))
+        picker = (EpochPicker(self, cfg.restem_early_stop)
+                  if cfg.algo == "restem" and cfg.restem_early_stop != "off" else None)
         self.policy.train()
         sums: dict[str, float] = {}
         lr = self.sched.get_last_lr()[0]
+        steps_done = 0
         for epoch in range(cfg.epochs):
             order = list(range(len(units)))
             rng.shuffle(order)
@@ -457,19 +490,26 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 stats["grad_norm"] = float(grad_norm)
+                steps_done += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
+            if picker is not None and not picker.after_epoch(epoch + 1):
+                break  # first-drop: a later epoch can no longer be picked
         self.policy.eval()
-        out = {k: v / steps for k, v in sums.items()}  # minibatch means, averaged over the steps
-        out.update(optimizer_steps=steps, lr=lr)
+        out = {k: v / steps_done for k, v in sums.items()}  # minibatch means, averaged over the steps taken
+        out.update(optimizer_steps=steps_done, lr=lr)
+        if picker is not None:
+            out.update(picker.finish())
         return out
 
     def _restem_backward(self, micro: list[Episode], minibatch: list[Episode]) -> dict[str, float]:
-        """Cross-entropy (temperature 1) of the response tokens, token mean over the minibatch."""
-        num_tokens = sum(e.num_tokens for e in minibatch)
+        """Cross-entropy (temperature 1) of the response tokens, reduced over the minibatch by
+        `loss_aggregation` (token-mean; the authors' trainer: seq-mean-token-mean)."""
         packed = Packed.build(micro, self.device)
         lp = self._token_logprobs(self.policy, packed, temperature=1.0)
-        loss = -lp.sum() / num_tokens
+        loss = aggregate(-packed.pad(lp), packed.mask(), self.cfg.loss_aggregation,
+                         num_tokens=sum(e.num_tokens for e in minibatch), num_seqs=len(minibatch),
+                         norm_length=self.cfg.max_new_tokens)
         loss.backward()
         return {"loss": loss.item()}
 
@@ -522,6 +562,47 @@ class Trainer:
             for ep, a in zip(members, values):
                 ep.advantages = torch.full((ep.num_tokens,), float(a))
         return None
+
+    def _capo_advantages(self, episodes: list[Episode]) -> dict[str, float]:
+        """CAPO: the judge's votes on each response's steps -> token rewards -> advantages
+        normalised over all tokens of each prompt's samples. Returns the judge's metrics."""
+        cfg = self.cfg
+        style = self.task.step_style if cfg.step_split == "task" else cfg.step_split
+        requests = []
+        for ep in episodes:
+            texts, ep.step_ends = step_spans(ep.response_ids, self.tokenizer, style)
+            requests.append(JudgeRequest(ep.item.question, texts, ep.item.answer))
+        result = self.judge.critique(requests)
+        flagged = [vote(cs, len(r.steps), cfg.capo_voting) for cs, r in zip(result.critiques, requests)]
+        rewards = [token_rewards(ep.num_tokens, ep.step_ends, f, ep.reward, cfg.capo_w_whole, cfg.capo_w_process)
+                   for ep, f in zip(episodes, flagged)]
+        for ep, adv in zip(episodes, group_token_advantages(rewards, [ep.group for ep in episodes])):
+            ep.advantages = adv
+        critiques = [c for cs in result.critiques for c in cs]
+        steps = sum(len(r.steps) for r in requests)
+        out = {
+            "judge_flagged_step_frac": sum(len(f) for f in flagged) / max(1, steps),
+            "judge_flagged_response_frac": float(np.mean([bool(f) for f in flagged])),
+            "judge_abstain_frac": sum(c.flagged is None for c in critiques) / max(1, len(critiques)),
+            "judge_out_of_range": sum(c.out_of_range for c in critiques),
+            "judge_critiques": len(critiques),
+            "steps_per_response": steps / max(1, len(requests)),
+            "time_judge": round(result.seconds, 3),
+        }
+        if isinstance(self.judge, ModelJudge):
+            out.update(judge_tokens_per_s=result.generated_tokens / max(result.seconds, 1e-9),
+                       judge_generated_tokens=result.generated_tokens, judge_prompt_tokens=result.prompt_tokens,
+                       judge_prefill_tokens=result.prefill_tokens, judge_cached_tokens=result.cached_tokens,
+                       judge_preemptions=result.preemptions)
+        if cfg.judge == "rule" or cfg.judge_oracle == "rule":
+            truth = [rule_wrong_steps(r.steps) for r in requests]
+            precision, recall = flag_precision_recall(flagged, truth)
+            out["judge_true_wrong_step_frac"] = sum(len(t) for t in truth) / max(1, steps)
+            if precision is not None:
+                out["judge_precision"] = precision
+            if recall is not None:
+                out["judge_recall"] = recall
+        return out
 
     def _step_ends(self, ep: Episode) -> list[int]:
         cfg = self.cfg
@@ -699,7 +780,7 @@ class Trainer:
         return {split: sets[split] for split in cfg.eval_splits}
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, splits: Sequence[str] | None = None) -> dict:
         """Accuracy on each evaluated split through the Engine: the mean reward over eval_samples
         samples per item, its standard error over items, and (n > 1) the majority-vote accuracy.
 
@@ -720,6 +801,8 @@ class Trainer:
         out: dict[str, float] = {}
         held_out = next((x for x in ("test", "validation") if x in self.eval_sets), None)
         for split, items in self.eval_sets.items():
+            if splits is not None and split not in splits:
+                continue
             outs = self.engine.generate([self.task.prompt(it) for it in items], params.per_prompt(len(items)),
                                         progress=self.progress and f"evaluation ({split})")
             item_means, majority = [], []
@@ -802,6 +885,55 @@ class Trainer:
             rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration))
         self.engine.invalidate_cache()
+
+
+class EpochPicker:
+    """RestEM's choice among the models of one iteration's epochs, by validation accuracy.
+
+    It evaluates the weights before training (epoch 0) and after each epoch, keeps a CPU copy of
+    the model `restem_pick_epoch` currently picks, and `finish` copies that model back into the
+    policy's own tensors (the Engine reads them). The decision is `restem_pick_epoch`'s alone;
+    with first-drop, training stops at the first epoch that is not an improvement, since no later
+    epoch can be picked (the authors train all epochs and then pick: the same model, less work).
+    """
+
+    def __init__(self, trainer: "Trainer", mode: str):
+        self.trainer, self.mode = trainer, mode
+        self.seconds = 0.0
+        self.accuracies: list[float] = []
+        self.kept: list[torch.Tensor] = []
+        self.chosen = 0
+        self._evaluate_and_keep()
+
+    def _evaluate_and_keep(self) -> None:
+        t0 = time.perf_counter()
+        trainer = self.trainer
+        trainer.engine.invalidate_cache()  # the weights changed since the cache was filled
+        acc = trainer.evaluate(splits=("validation",))["eval_validation_accuracy"]
+        trainer.engine.invalidate_cache()
+        trainer.policy.train()
+        self.accuracies.append(acc)
+        self.chosen = restem_pick_epoch(self.accuracies, self.mode)
+        if self.chosen == len(self.accuracies) - 1:  # the newest model is the pick (so far)
+            self.kept = [p.detach().to("cpu", copy=True) for p in trainer.policy.parameters()]
+        self.seconds += time.perf_counter() - t0
+
+    def after_epoch(self, epoch: int) -> bool:
+        """Evaluate the model after `epoch` (1-based); whether training should go on."""
+        self._evaluate_and_keep()
+        return self.mode != "first-drop" or self.chosen == epoch
+
+    def finish(self) -> dict[str, float]:
+        """Load the picked model into the policy; the metrics of the choice."""
+        if self.chosen != len(self.accuracies) - 1:
+            with torch.no_grad():
+                for p, q in zip(self.trainer.policy.parameters(), self.kept, strict=True):
+                    p.copy_(q)
+        self.kept = []
+        return {"restem_chosen_epoch": self.chosen, "restem_epochs_trained": len(self.accuracies) - 1,
+                "restem_val_accuracy": self.accuracies[self.chosen], "restem_val_accuracy_start": self.accuracies[0],
+                "restem_val_accuracy_by_epoch": list(self.accuracies),
+                "time_restem_validation": round(self.seconds, 3)}
 
 
 def _chunks(xs: list, size: int):

@@ -213,3 +213,159 @@ def test_default_preset_takes_restem_and_dpo_plus():
 
     for algo in OFFLINE:
         assert load_config("default", {"algo": algo}).algo == algo
+
+
+# ---------------------------------------------------------------- RestEM's epoch pick (early stopping)
+def test_restem_pick_epoch_by_hand():
+    from engine.rl.offline import restem_pick_epoch
+
+    assert restem_pick_epoch([0.5, 0.6, 0.7, 0.65, 0.9], "first-drop") == 2  # stops at the first non-improvement
+    assert restem_pick_epoch([0.5, 0.6, 0.7, 0.65, 0.9], "best") == 4
+    assert restem_pick_epoch([0.5, 0.5, 0.9], "first-drop") == 0  # a tie is no improvement
+    assert restem_pick_epoch([0.5, 0.4, 0.3], "first-drop") == 0  # training never helped: keep the start
+    assert restem_pick_epoch([0.5, 0.8, 0.8, 0.3], "best") == 1  # the earliest of equals
+    assert restem_pick_epoch([0.7], "first-drop") == 0
+    with pytest.raises(ValueError, match="unknown RestEM early-stop mode 'last'"):
+        restem_pick_epoch([0.5], "last")
+    with pytest.raises(ValueError, match="at least epoch 0"):
+        restem_pick_epoch([], "best")
+
+
+@pytest.mark.parametrize("mode, accuracies, chosen, trained", [
+    ("best", [0.5, 0.9, 0.6, 0.7], 1, 3),        # all epochs trained, the second model kept
+    ("best", [0.5, 0.6, 0.7, 0.8], 3, 3),        # the last model is the best: nothing to restore
+    ("first-drop", [0.5, 0.7, 0.6, 0.99], 1, 2),  # stops after the first drop; epoch 3 never runs
+    ("first-drop", [0.5, 0.4, 0.9, 0.99], 0, 1),  # the weights before training are kept
+])
+def test_restem_early_stop_keeps_the_picked_epochs_weights(tmp_path, monkeypatch, mode, accuracies, chosen, trained):
+    """The validation accuracies are scripted: the test checks which weights the iteration ends
+    with, how many epochs ran, and the metrics, against the accuracies it fed in."""
+    trainer = make_trainer(fast_config(tmp_path, algo="restem", iterations=1, epochs=3, restem_early_stop=mode,
+                                       eval_splits=["test", "validation"], validation_items=8))
+    trainer.task.reward = lambda response, item, finish_reason="stop": 1.0  # every finished sample is kept
+    real_evaluate = trainer.evaluate
+    snapshots = []
+
+    def scripted(splits=None):
+        if splits is None:
+            return real_evaluate()
+        assert tuple(splits) == ("validation",)
+        snapshots.append([p.detach().clone() for p in trainer.policy.parameters()])
+        return {"eval_validation_accuracy": accuracies[len(snapshots) - 1]}
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    trainer.iteration = 1
+    row = trainer.train_iteration()
+    assert len(snapshots) == trained + 1  # epoch 0 (before training) and each trained epoch
+    assert row["restem_chosen_epoch"] == chosen and row["restem_epochs_trained"] == trained
+    assert row["restem_val_accuracy_by_epoch"] == accuracies[: trained + 1]
+    assert row["restem_val_accuracy"] == accuracies[chosen] and row["restem_val_accuracy_start"] == accuracies[0]
+    steps_per_epoch = math.ceil(row["restem_kept"] / 4)  # minibatch_size 4
+    assert row["optimizer_steps"] == trained * steps_per_epoch
+    for p, q in zip(trainer.policy.parameters(), snapshots[chosen]):
+        assert torch.equal(p, q)  # the policy (the Engine's tensors) holds the picked model
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))  # epochs did change the weights
+
+
+def test_restem_early_stop_runs_end_to_end_on_real_validation(tmp_path):
+    trainer = make_trainer(fast_config(tmp_path, algo="restem", iterations=1, epochs=2, restem_early_stop="best",
+                                       eval_splits=["test", "validation"], validation_items=8))
+    trainer.run()
+    row = rows_of(trainer)[-1]
+    assert row["update_skipped"] == 0  # (the digit task rewards about half the tiny model's samples)
+    from engine.rl.offline import restem_pick_epoch
+
+    accs = row["restem_val_accuracy_by_epoch"]
+    assert len(accs) == 3 and row["restem_chosen_epoch"] == restem_pick_epoch(accs, "best")
+    # Evaluation is seeded: the end-of-iteration evaluation of the kept model reproduces its accuracy.
+    assert row["eval_validation_accuracy"] == pytest.approx(row["restem_val_accuracy"])
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_restem_loss_aggregation_matches_autograd(tmp_path, aggregation):
+    """RestEM's packed cross-entropy gradient equals plain autograd: token-mean over the
+    minibatch, or (the authors' trainer) each response's token mean, then the mean over responses."""
+    trainer = make_trainer(fast_config(tmp_path, algo="restem", loss_aggregation=aggregation))
+    g = torch.Generator().manual_seed(1)
+    eps = [_ep(i, 1.0, n=2 + 3 * i) for i in range(3)]
+    for e in eps:
+        e.response_ids = torch.randint(3, 12, (e.num_tokens,), generator=g).tolist()
+    trainer.policy.zero_grad(set_to_none=True)
+    trainer._restem_backward(eps[:2], eps)
+    trainer._restem_backward(eps[2:], eps)  # two micro-batches of one minibatch
+    packed = [p.grad.clone() for p in trainer.policy.parameters()]
+    trainer.policy.zero_grad(set_to_none=True)
+    nll = []
+    for e in eps:
+        ids = torch.tensor(e.prompt_ids + e.response_ids)[None]
+        logits = trainer.policy(ids, cu_seqlens=torch.tensor([0, ids.shape[1]]))[0].float()
+        p = len(e.prompt_ids)
+        lp = torch.log_softmax(logits[p - 1: -1], -1).gather(-1, torch.tensor(e.response_ids)[:, None])
+        nll.append(-lp.squeeze(-1))
+    if aggregation == "token-mean":
+        loss = torch.cat(nll).sum() / sum(e.num_tokens for e in eps)
+    else:
+        loss = torch.stack([x.mean() for x in nll]).mean()
+    loss.backward()
+    for a, p in zip(packed, trainer.policy.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- presets and "all" prompts
+def test_gsm8k_and_math_presets_carry_the_papers_restem_and_dpo_plus_settings(tmp_path):
+    from engine.rl.config import load_config
+
+    model = str(tmp_path)  # any existing folder satisfies the preset's "???"
+    vine = load_config("gsm8k", {"model": model})
+    assert (vine.iterations, vine.prompts_per_iteration, vine.epochs) == (650, 64, 2)  # untouched
+    restem = load_config("gsm8k", {"model": model, "algo": "restem"})
+    assert (restem.iterations, restem.prompts_per_iteration, restem.samples_per_prompt, restem.epochs) == \
+        (10, "all", 8, 8)
+    assert restem.restem_early_stop == "first-drop" and restem.loss_aggregation == "seq-mean-token-mean"
+    assert restem.lr == 1e-6 and restem.minibatch_size == 64 and restem.task_args == {"grading": "strict"}
+    for preset, beta in (("gsm8k", 0.3), ("math", 0.1)):
+        dpo = load_config(preset, {"model": model, "algo": "dpo+"})
+        assert (dpo.iterations, dpo.prompts_per_iteration, dpo.samples_per_prompt, dpo.epochs) == (1, "all", 64, 3)
+        assert (dpo.dpo_beta, dpo.dpo_nll_coef, dpo.dpo_max_pairs_per_prompt) == (beta, 50.0, 64)
+    # the command line still wins over the per-algorithm section
+    assert load_config("gsm8k", {"model": model, "algo": "dpo+", "epochs": 5, "dpo_beta": 0.2}).epochs == 5
+    cpu = load_config("default", {"algo": "restem"})
+    assert cpu.restem_early_stop == "first-drop" and "validation" in cpu.eval_splits
+
+
+@pytest.mark.parametrize("text, message", [
+    ("per_algo: {sarsa: {epochs: 3}}", "per_algo in preset p.yaml names unknown algorithm\\(s\\) sarsa"),
+    ("per_algo: {restem: {algo: dpo+}}", "per_algo.restem in preset p.yaml may not set algo"),
+    ("per_algo: {restem: 3}", "per_algo in preset p.yaml must map algorithm names to mappings"),
+    ("per_algo: {restem: {epochz: 3}}", "unknown config key\\(s\\) epochz"),
+])
+def test_bad_per_algo_sections_are_clear_errors(tmp_path, text, message):
+    from engine.rl.config import load_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("algo: restem\n" + text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_all_prompts_per_iteration_is_the_whole_train_split(tmp_path):
+    trainer = make_trainer(fast_config(tmp_path, algo="restem", prompts_per_iteration="all",
+                                       eval_splits=["test", "validation"], validation_items=8))
+    assert trainer.prompts_per_iteration == len(trainer.train_items) == 64 - 8
+    items = trainer._items_for(1)
+    assert sorted(it.id for it in items) == sorted(it.id for it in trainer.train_items)  # each once, shuffled
+    assert [it.id for it in items] != [it.id for it in trainer.train_items]
+    with pytest.raises(ConfigError, match="a batch of 128 episodes \\(64 prompts \\(all train items\\) x 2 samples\\) "
+                                          "does not divide into minibatches of 48"):
+        make_trainer(fast_config(tmp_path / "v", algo="vineppo", prompts_per_iteration="all", minibatch_size=48))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"algo": "restem", "restem_early_stop": "last"}, "restem_early_stop must be one of off, first-drop, best"),
+    ({"algo": "restem", "restem_early_stop": "best", "eval_splits": ["test"]}, "add validation to eval_splits"),
+    ({"prompts_per_iteration": "some"}, 'prompts_per_iteration must be an integer >= 1 or "all", got \'some\''),
+    ({"prompts_per_iteration": 0}, "prompts_per_iteration must be an integer >= 1"),
+])
+def test_bad_restem_and_prompt_count_configs(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        fast_config(tmp_path, **overrides)
