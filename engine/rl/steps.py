@@ -453,3 +453,19 @@ def step_token_ends(token_ids: Sequence[int], tokenizer, style: StepStyle | None
             current = step
     ends.append(len(ids))
     return ends
+
+
+def step_spans(token_ids: Sequence[int], tokenizer, style: StepStyle) -> tuple[list[str], list[int]]:
+    """(the text of each token step, step_token_ends): the steps a judge reads and the token
+    ranges their verdicts apply to, one text per token step (CAPO).
+
+    The texts are cut from decode(token_ids, skip_special_tokens=True) where each token step
+    begins, so they join to that text and a step merged by step_token_ends is one text here too.
+    """
+    ends = step_token_ends(token_ids, tokenizer, style)
+    if not ends:
+        return [], []
+    starts, text = _starts_and_text(tokenizer, _as_ids(token_ids))
+    cuts = [0, *(starts[e] for e in ends[:-1]), len(text)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])], ends
+
