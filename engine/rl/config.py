@@ -61,6 +61,9 @@ class TrainConfig:
     # ---- VinePPO Monte Carlo values
     k: int = 9                         # rollouts per state
     mc_max_new_tokens: int | None = None  # None = max_new_tokens (a fresh budget per rollout)
+    k_adaptive: bool = False           # k rollouts per state on average: k_min each, the rest to the most uncertain states
+    k_min: int = 2                     # (k_adaptive) rollouts every state gets first; also the increment per round
+    k_max: int = 16                    # (k_adaptive) most rollouts one state gets
     max_states_per_response: int | None = None  # cap on valued states, the prompt's included; later ones are back-filled with the return
     step_split: str = "task"           # task (the task's step style) | newline | math | math-legacy | chunks
     chunk_tokens: int = 100            # step length for step_split = chunks
@@ -197,6 +200,12 @@ class TrainConfig:
             raise ConfigError(f'prompts_per_iteration must be an integer >= 1 or "all", got {ppi!r}')
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"k (MC rollouts per state) must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.k_adaptive, bool):
+            raise ConfigError(f"k_adaptive must be true or false, got {self.k_adaptive!r}")
+        if self.k_adaptive and not (isinstance(self.k_min, int) and isinstance(self.k_max, int)
+                                    and 1 <= self.k_min <= self.k <= self.k_max):
+            raise ConfigError(f"k_adaptive needs integers 1 <= k_min <= k <= k_max (k is the mean budget per state); "
+                              f"got k_min {self.k_min!r}, k {self.k}, k_max {self.k_max!r}")
         for name in ("max_states_per_response", "mc_max_new_tokens", "eval_max_new_tokens", "stop_after",
                      "kv_cache_tokens"):
             value = getattr(self, name)

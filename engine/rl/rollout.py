@@ -9,6 +9,7 @@ the cached KV K ways.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,48 @@ class MCStats:
     truncated: int = 0          # rollouts cut by the length limit (scored 0)
     value_mean: float = 0.0
     seconds: float = 0.0
+    k_max_used: int = 0         # most rollouts any state got (adaptive budgets vary it)
+    rounds: int = 0             # generate calls (1 with a fixed K)
+
+
+@dataclass(frozen=True)
+class AdaptiveK:
+    """An adaptive MC budget: every state starts with `k_min` rollouts; the rest of a budget of
+    `mean_k` rollouts per state (on average, the fixed-K equivalent) then goes, `k_min` at a
+    time, to the states whose estimates are most uncertain, up to `k_max` per state.
+
+    Uncertain = mixed outcomes so far (0 < V < 1 for 0/1 rewards), ranked by the standard error
+    of the mean sqrt(var / n): a state whose first k_min rollouts all agree gets no more.
+    """
+
+    k_min: int
+    k_max: int
+    mean_k: float
+
+    def __post_init__(self):
+        if not 1 <= self.k_min <= self.mean_k <= self.k_max:
+            raise ValueError(f"an adaptive MC budget needs 1 <= k_min <= mean k <= k_max; got k_min {self.k_min}, "
+                             f"mean k {self.mean_k}, k_max {self.k_max}")
+
+
+def allocate_rollouts(counts: Sequence[int], sums: Sequence[float], sq_sums: Sequence[float], budget: int,
+                      k_max: int, step: int) -> list[int]:
+    """One round of an adaptive budget: extra rollouts per state (at most `step`, never past
+    `k_max`, `budget` in all), to the states with the largest standard error of their mean
+    among those whose outcomes so far are not all equal. Ties go to the earlier state."""
+    ranked = []
+    for i, (n, s, q) in enumerate(zip(counts, sums, sq_sums)):
+        var = q / n - (s / n) ** 2 if n else 0.0
+        if n < k_max and var > 1e-12:
+            ranked.append((-math.sqrt(var / n), i))
+    ranked.sort()
+    extra = [0] * len(counts)
+    for _, i in ranked:
+        if budget <= 0:
+            break
+        extra[i] = min(step, k_max - counts[i], budget)
+        budget -= extra[i]
+    return extra
 
 
 def state_boundaries(ep: Episode, max_states: int | None) -> list[int]:
@@ -118,7 +161,8 @@ def state_boundaries(ep: Episode, max_states: int | None) -> list[int]:
 
 
 def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int, params: SamplingParams,
-              max_states: int | None = None, stop: Sequence[str] = (), progress: bool | str = False) -> MCStats:
+              max_states: int | None = None, stop: Sequence[str] = (), progress: bool | str = False,
+              adaptive: AdaptiveK | None = None) -> MCStats:
     """Fill `ep.state_values` (one per step) with Monte Carlo estimates.
 
     V(s) = mean reward of k rollouts from s, each graded on the whole response (the state's
@@ -127,6 +171,9 @@ def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int
     samples of one prompt) are estimated once. States past `max_states` get the episode's
     reward (the paper's back-fill), which gives their steps an advantage of 0.
     `params` supplies temperature, top_p and max_new_tokens; its n is replaced by k.
+    With `adaptive`, k is ignored: states get adaptive.k_min rollouts, then rounds of
+    `allocate_rollouts` spend the rest of round(mean_k x states) rollouts (the prefixes are
+    still cached, so a later round forks their KV again).
     """
     t0 = time.perf_counter()
     stats = MCStats()
@@ -146,20 +193,44 @@ def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int
             stats.states_requested += 1
         per_episode.append(idx)
     stats.states = len(owners)
-    rollout_params = SamplingParams(n=k, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                    max_new_tokens=params.max_new_tokens, stop=params.stop)
-    outs = engine.generate([list(key) for key in requests], rollout_params, progress=progress)
+    keys = [list(key) for key in requests]
     tok = engine.tokenizer
-    values = []
-    for (ep, b), completions in zip(owners, outs):
-        total = 0.0
-        for c in completions:
-            stats.rollouts += 1
-            stats.rollout_tokens += len(c.token_ids)
-            stats.truncated += c.finish_reason == "length"
-            full = response_text(tok, ep.response_ids[:b] + c.token_ids, stop or params.stop)
-            total += task.reward(full, ep.item, c.finish_reason)
-        values.append(total / len(completions))
+    counts, sums, sq_sums = [0] * len(keys), [0.0] * len(keys), [0.0] * len(keys)
+
+    def run(rows: list[int], ns: list[int]) -> None:
+        """`ns[j]` rollouts from state `rows[j]`, graded into the running sums."""
+        by_n = {n: SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                  max_new_tokens=params.max_new_tokens, stop=params.stop) for n in set(ns)}
+        sampling = by_n[ns[0]] if len(by_n) == 1 else [by_n[n] for n in ns]
+        outs = engine.generate([keys[i] for i in rows], sampling, progress=progress if not stats.rounds else False)
+        stats.rounds += 1
+        for i, completions in zip(rows, outs):
+            ep, b = owners[i]
+            for c in completions:
+                stats.rollouts += 1
+                stats.rollout_tokens += len(c.token_ids)
+                stats.truncated += c.finish_reason == "length"
+                full = response_text(tok, ep.response_ids[:b] + c.token_ids, stop or params.stop)
+                r = task.reward(full, ep.item, c.finish_reason)
+                counts[i] += 1
+                sums[i] += r
+                sq_sums[i] += r * r
+
+    everyone = list(range(len(keys)))
+    if adaptive is None:
+        run(everyone, [k] * len(keys))
+    else:
+        run(everyone, [adaptive.k_min] * len(keys))
+        left = round(adaptive.mean_k * len(keys)) - adaptive.k_min * len(keys)
+        while left > 0:
+            extra = allocate_rollouts(counts, sums, sq_sums, left, adaptive.k_max, adaptive.k_min)
+            rows = [i for i, e in enumerate(extra) if e]
+            if not rows:
+                break  # every state is settled (all outcomes equal) or at k_max
+            run(rows, [extra[i] for i in rows])
+            left -= sum(extra)
+    values = [s / n for s, n in zip(sums, counts)]
+    stats.k_max_used = max(counts, default=0)
     for ep, idx in zip(episodes, per_episode):
         vals = [values[i] for i in idx]
         stats.backfilled += len(ep.step_ends) - len(vals)

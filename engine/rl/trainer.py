@@ -50,7 +50,7 @@ from engine.rl.capo import flag_precision_recall, group_token_advantages, rule_w
 from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
 from engine.rl.offline import dpo_pairs, dpop_loss, restem_pick_epoch, restem_select
 from engine.rl.optim import AdamW, warmup_linear_decay
-from engine.rl.rollout import Episode, MCStats, mc_values, sample_episodes
+from engine.rl.rollout import AdaptiveK, Episode, MCStats, mc_values, sample_episodes
 from engine.rl.steps import step_spans, step_token_ends
 from engine.runtime import Engine, SamplingParams
 from engine.tasks import Item, Task, TaskDataError, load_task
@@ -357,7 +357,8 @@ class Trainer:
         if mc is not None:
             s = self.engine.stats
             row.update(mc_states=mc.states, mc_states_requested=mc.states_requested, mc_backfilled=mc.backfilled,
-                       mc_rollouts=mc.rollouts, mc_truncated_frac=mc.truncated / max(1, mc.rollouts),
+                       mc_rollouts=mc.rollouts, mc_k_max=mc.k_max_used, mc_rounds=mc.rounds,
+                       mc_truncated_frac=mc.truncated / max(1, mc.rollouts),
                        value_mean=mc.value_mean, mc_tokens_per_s=mc.rollout_tokens / times["values"],
                        prefix_cache_hit_rate=s.cached_tokens / max(1, s.cached_tokens + s.prefill_tokens),
                        mc_prefill_tokens=s.prefill_tokens, mc_cached_tokens=s.cached_tokens,
@@ -538,8 +539,10 @@ class Trainer:
                 ep.step_ends = self._step_ends(ep)
             params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                     max_new_tokens=cfg.mc_max_new_tokens or cfg.max_new_tokens, stop=self.stop)
+            adaptive = AdaptiveK(cfg.k_min, cfg.k_max, cfg.k) if cfg.k_adaptive else None
             stats = mc_values(self.engine, self.task, episodes, k=cfg.k, params=params,
-                              max_states=cfg.max_states_per_response, progress=self.progress and "MC values")
+                              max_states=cfg.max_states_per_response, progress=self.progress and "MC values",
+                              adaptive=adaptive)
             for ep in episodes:
                 step_adv = adv_lib.vineppo_step_advantages(ep.state_values, ep.reward)
                 ep.advantages = adv_lib.broadcast_steps(step_adv, ep.step_ends)
@@ -933,7 +936,7 @@ class EpochPicker:
         return {"restem_chosen_epoch": self.chosen, "restem_epochs_trained": len(self.accuracies) - 1,
                 "restem_val_accuracy": self.accuracies[self.chosen], "restem_val_accuracy_start": self.accuracies[0],
                 "restem_val_accuracy_by_epoch": list(self.accuracies),
-                "time_restem_validation": round(self.seconds, 3)}
+                "restem_validation_seconds": round(self.seconds, 3)}  # (part of time_update)
 
 
 def _chunks(xs: list, size: int):
