@@ -325,7 +325,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, overrides, message):
 
 
 def test_unknown_preset_and_required_model():
-    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: default, gsm8k, math, smoke"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: chains, default, gsm8k, math, smoke"):
         load_config("nope")
     with pytest.raises(ConfigError, match="needs a value for model"):
         load_config("gsm8k")
