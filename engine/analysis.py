@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from engine.rl.rollout import response_text, sample_episodes
+from engine.rl.rollout import AdaptiveK, allocate_rollouts, response_text, sample_episodes
 from engine.rl.steps import step_token_ends
 from engine.runtime import Engine, SamplingParams
 from engine.runtime.params import mix_seed
@@ -180,6 +180,22 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def adaptive_estimates(pools: Sequence[Sequence[float]], adaptive: AdaptiveK) -> tuple[list[float], int]:
+    """(per state, the adaptive-budget MC estimate; rollouts used in all), consuming each
+    state's pool of k_max i.i.d. rewards in order, as the trainer's adaptive rounds would draw them."""
+    counts = [adaptive.k_min] * len(pools)
+    left = round(adaptive.mean_k * len(pools)) - adaptive.k_min * len(pools)
+    while left > 0:
+        sums = [sum(p[:n]) for p, n in zip(pools, counts)]
+        squares = [sum(x * x for x in p[:n]) for p, n in zip(pools, counts)]
+        extra = allocate_rollouts(counts, sums, squares, left, adaptive.k_max, adaptive.k_min)
+        if not any(extra):
+            break
+        counts = [n + e for n, e in zip(counts, extra)]
+        left -= sum(extra)
+    return [_mean(p[:n]) for p, n in zip(pools, counts)], sum(counts)
+
+
 def collect_states(engine: Engine, task: Task, items: Sequence[Item], params: SamplingParams, *,
                    step_style: str | None = None, progress: bool | str = False) -> tuple[list[State], dict]:
     """Sample one response per item; return every distinct VinePPO state (prompt, then prompt +
@@ -299,10 +315,14 @@ def value_analysis(engine: Engine, task: Task, items: Sequence[Item], *, states:
                    ks: Sequence[int], repeats: int = 4, critic: Callable[[Sequence[Sequence[int]]], list[float]] | None = None,
                    ranking_states: int = 16, alternatives: int = 3, temperature: float = 0.6, top_p: float = 1.0,
                    max_new_tokens: int = 256, stop: Sequence[str] = (), seed: int = 0, step_style: str | None = None,
-                   progress: bool = False) -> dict:
+                   adaptive: AdaptiveK | None = None, progress: bool = False) -> dict:
     """Run the value-prediction analysis (module docstring) and return the report (without config).
 
     critic: a function from states (token-id lists) to values, e.g. `Critic.load(dir)`.
+    adaptive: also estimate with an adaptive budget (the trainer's --k-adaptive): per repeat, each
+    state draws from its own k_max fresh rollouts, k_min first, then as `allocate_rollouts`
+    directs, round(mean_k x states) in all; reported as "adaptive" next to fixed K = mean_k at
+    equal rollouts (an i.i.d. pool consumed in order is the same draw as sampling on demand).
     Raises ValueError on bad counts and when there are no states to evaluate.
     """
     t0 = time.perf_counter()
@@ -335,14 +355,20 @@ def value_analysis(engine: Engine, task: Task, items: Sequence[Item], *, states:
     truth = [_mean(r) for r in truth_rewards]
 
     # 4. MC estimates: repeats x sum(ks) fresh rollouts per state in one call, cut into disjoint groups
-    per_state = repeats * sum(ks)
+    per_state = repeats * (sum(ks) + (adaptive.k_max if adaptive else 0))
     fresh = _rollout_rewards(engine, task, chosen, per_state, base, stop, seed, "estimates", label("MC estimates"))
     estimates: dict[str, list[list[float]]] = {str(k): [] for k in ks}
+    adaptive_used: list[int] = []
     offset = 0
     for _ in range(repeats):
         for k in ks:
             estimates[str(k)].append([_mean(r[offset:offset + k]) for r in fresh])
             offset += k
+        if adaptive is not None:
+            values, used = adaptive_estimates([r[offset:offset + adaptive.k_max] for r in fresh], adaptive)
+            estimates.setdefault("adaptive", []).append(values)
+            adaptive_used.append(used)
+            offset += adaptive.k_max
     results = {key: estimator_metrics(truth, reps) for key, reps in estimates.items()}
     critic_values = None
     if critic is not None:
@@ -395,6 +421,8 @@ def value_analysis(engine: Engine, task: Task, items: Sequence[Item], *, states:
         "ranking_states": len(rank_from),
         "ranking_alternatives": sum(len(g) for g in groups),
         "ranking_terminal_alternatives": left_out,
+        **({"adaptive": {"k_min": adaptive.k_min, "k_max": adaptive.k_max, "mean_k": adaptive.mean_k,
+                         "rollouts_per_state": _mean(adaptive_used) / len(chosen)}} if adaptive else {}),
         "rollouts": {"truth": len(chosen) * truth_rollouts, "estimates": len(chosen) * per_state,
                      "alternatives": len(rank_from) * alternatives,
                      "ranking": len(flat) * (truth_rollouts + sum(ks))},
@@ -415,7 +443,7 @@ def format_table(report: dict) -> str:
              f"{report['truth_rollouts']} rollouts (mean {report['truth_mean']:.3f}), {report['repeats']} repeats",
              f"{'estimator':<10}{'mae':>8}{'rmse':>8}{'corr':>8}{'binom se':>10}{'rank acc':>10}"]
     for key in report["mae"]:
-        name = f"K={key}" if key != "critic" else "critic"
+        name = key if key in ("critic", "adaptive") else f"K={key}"
         lines.append(f"{name:<10}  {f(report['mae'][key])}  {f(report['rmse'][key])}  {f(report['correlation'][key])}"
                      f"    {f(report['binomial_se'].get(key))}    {f(report['ranking_accuracy'].get(key))}")
     lines.append(f"{'constant':<10}  {f(report['constant_mae'])}")
@@ -434,6 +462,10 @@ def plot_report(report: dict, path: str | Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ks, [report["mae"][str(k)] for k in ks], "o-", label="MC (V_K)")
     a.plot(ks, [report["binomial_se"][str(k)] for k in ks], "x:", color="gray", label="binomial s.e.")
+    if "adaptive" in report["mae"]:
+        cfg = report["adaptive"]
+        a.plot([cfg["mean_k"]], [report["mae"]["adaptive"]], "s", color="tab:green",
+               label=f"adaptive ({cfg['k_min']}..{cfg['k_max']}, mean {cfg['mean_k']})")
     if "critic" in report["mae"]:
         a.axhline(report["mae"]["critic"], color="tab:red", ls="--", label="critic")
     a.axhline(report["constant_mae"], color="black", ls="-.", label="constant (mean V*)")
@@ -476,6 +508,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     v.add_argument("--k", type=int, nargs="+", required=True, help="MC rollout counts to evaluate")
     v.add_argument("--repeats", type=int, default=4, help="independent V_K estimates per state and K")
     v.add_argument("--critic", default=None, help="a PPO checkpoint dir holding critic/ and critic/" + VALUE_HEAD)
+    v.add_argument("--k-adaptive", type=int, nargs=3, default=None, metavar=("K_MIN", "K_MAX", "MEAN_K"),
+                   help="also the adaptive budget (the trainer's --k-adaptive), at MEAN_K rollouts per state")
     v.add_argument("--ranking-states", type=int, default=16)
     v.add_argument("--alternatives", type=int, default=3, help="next steps sampled per ranking state")
     v.add_argument("--temperature", type=float, default=0.6)
@@ -503,6 +537,12 @@ def main(argv: list[str] | None = None) -> dict:
         sub.error(f"every --k must be >= 1, got {args.k}")
     if args.ranking_states < 0:
         sub.error(f"--ranking-states must be >= 0, got {args.ranking_states}")
+    adaptive = None
+    if args.k_adaptive is not None:
+        try:
+            adaptive = AdaptiveK(*args.k_adaptive)
+        except ValueError as e:
+            sub.error(f"--k-adaptive: {e}")
     if not Path(args.model).is_dir():
         sub.error(f"model directory {args.model} does not exist")
     if args.critic is not None:
@@ -531,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 ks=args.k, repeats=args.repeats, critic=critic, ranking_states=args.ranking_states,
                                 alternatives=args.alternatives, temperature=args.temperature, top_p=args.top_p,
                                 max_new_tokens=args.max_new_tokens, stop=STOP_STRINGS.get(args.task, ()),
-                                seed=args.seed, progress=not args.quiet)
+                                seed=args.seed, adaptive=adaptive, progress=not args.quiet)
     except ValueError as e:
         if str(e) == NO_STEPS:
             print(f"error: {e}", file=sys.stderr)

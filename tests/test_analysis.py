@@ -234,3 +234,24 @@ def test_critic_dir_without_value_head_is_a_clear_error(model_dir, capsys, tmp_p
               "--k", "1", "--critic", str(tmp_path / "ckpt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(tmp_path / "ckpt" / "critic" / "value_head.safetensors") in err
+
+
+def test_adaptive_estimates_consume_each_pool_in_order_by_hand():
+    from engine.analysis import adaptive_estimates
+    from engine.rl.rollout import AdaptiveK
+
+    pools = [[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1]]
+    # k_min 2: [1,1] settled, [0,0] settled, [1,0] mixed -> it alone gets the 3 x 3 - 6 = 3 left, 2 then 1
+    values, used = adaptive_estimates(pools, AdaptiveK(k_min=2, k_max=6, mean_k=3))
+    assert used == 9 and values == [1.0, 0.0, pytest.approx(4 / 5)]
+    values, used = adaptive_estimates(pools, AdaptiveK(k_min=2, k_max=3, mean_k=3))
+    assert used == 7 and values == [1.0, 0.0, pytest.approx(2 / 3)]  # k_max caps it; the rest is unspent
+
+
+def test_the_cli_rejects_a_bad_adaptive_budget(tmp_path, capsys):
+    from engine.analysis import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["values", "--model", str(tmp_path), "--task", "arithmetic", "--states", "2", "--truth-rollouts", "4",
+              "--k", "1", "--k-adaptive", "4", "8", "2"])
+    assert e.value.code == 2 and "1 <= k_min <= mean k <= k_max" in capsys.readouterr().err
