@@ -74,6 +74,7 @@ from kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
+RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
 
 
@@ -190,20 +191,21 @@ class Trainer:
         cfg.check_batch_division(len(self.train_items))  # prompts_per_iteration "all": known only now
         self.prompts_per_iteration = (len(self.train_items) if cfg.prompts_per_iteration == ALL
                                       else cfg.prompts_per_iteration)
-        self._check_world_size(resume)
+        self._check_world_size()
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             saved = config_from_run(self.run_dir)
             now = cfg.to_dict()
             differ = sorted(k for k in set(saved) | set(now)
-                            if k not in ("iterations", "stop_after") and saved.get(k) != now.get(k))
+                            if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
             if differ:
                 raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was started with in "
-                                 f"{', '.join(differ)} (only iterations and stop_after may change; a run saved "
+                                 f"{', '.join(differ)} (only iterations, stop_after and dist_timeout_s may change; a run saved "
                                  f"before a key existed lacks it)")
         elif dist.is_main:
             self._clear_previous_run()
+        dist.barrier()  # every rank has read the run directory before rank 0 rewrites it
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
@@ -251,7 +253,7 @@ class Trainer:
         self._tb = self._tensorboard() if cfg.tensorboard and dist.is_main else None
 
     # ------------------------------------------------------------------ setup
-    def _check_world_size(self, resume: bool) -> None:
+    def _check_world_size(self) -> None:
         """What data parallelism does not support (yet): errors before any work."""
         world = self.dist.world_size
         if world == 1:
@@ -259,12 +261,9 @@ class Trainer:
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
-        if self.cfg.algo in ("restem", "dpo+", "capo"):
-            raise ConfigError(f"algo {self.cfg.algo} does not run data-parallel yet (world size {world}); "
-                              f"vineppo, ppo, grpo and rloo do, or run it in one process")
-        if resume:
-            raise ConfigError(f"--resume under torchrun (world size {world}) is not supported yet; resume it in "
-                              f"one process")
+        if self.cfg.algo == "capo":
+            raise ConfigError(f"algo capo does not run data-parallel yet (world size {world}); the other "
+                              f"algorithms do, or run it in one process")
 
     def _clear_previous_run(self) -> None:
         """A fresh start in a used run directory: drop what the old run left (or --resume would mix them)."""
@@ -467,10 +466,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ RestEM and DPO+
     def _offline_iteration(self, row: dict, episodes: list[Episode], times: dict[str, float]) -> dict:
-        """RestEM or DPO+ on the sampled episodes: build the data, then `epochs` passes over it."""
+        """RestEM or DPO+ on the sampled episodes: build the data, then `epochs` passes over it.
+
+        Data parallel: every rank gathers all ranks' episodes (in global order) and builds the same
+        data; each minibatch's micro-batches are dealt to the ranks in turn and the gradients summed.
+        """
         cfg = self.cfg
         rng = random.Random(f"{cfg.algo}-data-{cfg.seed}-{self.iteration}")
         t0 = time.perf_counter()
+        if self.dist.distributed:
+            episodes = [e for part in self.dist.all_gather_object(episodes) for e in part]
         if cfg.algo == "restem":
             kept = restem_select(episodes, cfg.restem_max_per_prompt, rng)
             row.update(restem_kept=len(kept), restem_kept_frac=len(kept) / len(episodes))
@@ -549,7 +554,9 @@ class Trainer:
                 where = f"iteration {self.iteration}, epoch {epoch}, minibatch {start // cfg.minibatch_size}"
                 self.opt.zero_grad(set_to_none=True)
                 stats: dict[str, float] = {}
-                for micro in _chunks(minibatch, cfg.micro_batch_size):
+                for j, micro in enumerate(_chunks(minibatch, cfg.micro_batch_size)):
+                    if j % self.dist.world_size != self.dist.rank:
+                        continue  # another rank's micro-batch (the normalisers are the whole minibatch's)
                     part = self._restem_backward(micro, minibatch) if cfg.algo == "restem" else \
                         self._dpo_backward(micro, len(minibatch))
                     if not math.isfinite(part["loss"]):
@@ -557,6 +564,13 @@ class Trainer:
                                                f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
                     for k, v in part.items():
                         stats[k] = stats.get(k, 0.0) + v
+                self.dist.all_reduce_grads(list(self.policy.parameters()))
+                if self.dist.distributed:
+                    summed: dict[str, float] = {}
+                    for part in self.dist.all_gather_object(stats):
+                        for k, v in part.items():
+                            summed[k] = summed.get(k, 0.0) + v
+                    stats = summed
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and "
@@ -1001,7 +1015,7 @@ class Trainer:
             self.critic_sched.load_state_dict(state["critic_scheduler"])
         _set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
-        if self.metrics_path.exists():  # drop rows written after the checkpoint (an interrupted iteration)
+        if self.metrics_path.exists() and self.dist.is_main:  # drop rows written after the checkpoint (an interrupted iteration)
             rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration))
         self.engine.invalidate_cache()

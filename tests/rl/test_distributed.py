@@ -34,7 +34,7 @@ FLAGS = [
 ]
 REWARD_KEYS = ("reward_mean", "train_accuracy", "response_length", "truncated_frac", "unfinished_frac",
                "adv_mean", "adv_std", "adv_zero_frac", "eval_accuracy", "mc_states_requested", "mc_rollouts",
-               "value_mean")
+               "value_mean", "dpo_pairs")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,32 +69,63 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.mark.parametrize("algo", ["vineppo", "grpo"])
-def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, algo):
-    one = _launch(tmp_path / "one", "--algo", algo, nproc=1)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch(tmp_path / "two", "--algo", algo)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    init = {}
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of each algorithm (shared by the tests that compare against it)."""
+    runs: dict[str, Path] = {}
+
+    def get(algo: str) -> Path:
+        if algo not in runs:
+            run_dir = tmp_path_factory.mktemp(f"one-{algo}") / "run"
+            out = _launch(run_dir, "--algo", algo, nproc=1)
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs[algo] = run_dir
+        return runs[algo]
+    return get
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    """Final weights within 1e-4 (fp32) and the same reward metrics, iteration by iteration."""
     from safetensors.torch import load_file
-    for f in sorted((tmp_path / "one" / "init").glob("*.safetensors")):
+
+    a, b = _weights(one), _weights(two)
+    init = {}
+    for f in sorted((one / "init").glob("*.safetensors")):
         init.update(load_file(str(f)))
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # it trained
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
-    ra, rb = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["iteration"] for r in rb] == [0, 1, 2]
-    assert {r["world_size"] for r in ra} == {1} and {r["world_size"] for r in rb} == {2}
+    ra, rb = _rows(one), _rows(two)
+    assert [r["iteration"] for r in rb] == [r["iteration"] for r in ra] == [0, 1, 2]
+    assert {r["world_size"] for r in ra} == {1} and rb[-1]["world_size"] == 2
     for x, y in zip(ra, rb):
+        assert set(x) == set(y), set(x) ^ set(y)
         for key in REWARD_KEYS:
             assert (key in x) == (key in y), key
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-9, abs=1e-9), (x["iteration"], key)
     assert rb[1]["reward_mean"] > 0  # the runs had rewards to learn from
+
+
+@pytest.mark.parametrize("algo", ["vineppo", "grpo", "dpo+"])
+def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, algo, one_process):
+    two = _launch(tmp_path / "two", "--algo", algo)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    _assert_same_run(one_process(algo), tmp_path / "two")
     # rank 0 alone wrote the run directory, as one process does
     assert (tmp_path / "two" / "checkpoints" / "latest").read_text() == "iter_000002"
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["iterations_done"] == 2
+
+
+def test_resume_under_torchrun_with_another_world_size(tmp_path, one_process):
+    # Every rank holds the same state, so every rank resumes from the one checkpoint, whichever
+    # world size wrote it: here one process runs iteration 1, two ranks run iteration 2.
+    first = _launch(tmp_path / "two", "--stop-after", "1", nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [r["iteration"] for r in _rows(tmp_path / "two")] == [0, 1]
+    resumed = _launch(tmp_path / "two", "--resume", "--stop-after", "null")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    _assert_same_run(one_process("vineppo"), tmp_path / "two")
 
 
 @pytest.mark.parametrize("rank", [0, 1])
