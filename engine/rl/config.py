@@ -145,7 +145,7 @@ class TrainConfig:
     tensorboard: bool = True           # when installed
     stop_after: int | None = None      # stop after this iteration as if interrupted (resume later)
     # ---- data parallelism (torchrun --nproc-per-node N -m engine.train; engine/rl/distributed.py)
-    parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: not implemented yet
+    parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: sharded with FSDP2 (vineppo/grpo/rloo; a prototype)
     dist_timeout_s: int = 300          # collective timeout: a failed rank ends the others within this
 
     # ------------------------------------------------------------------ derived values
@@ -281,8 +281,6 @@ class TrainConfig:
             raise ConfigError(f"skip_ratio_above must be > 1 or null, got {self.skip_ratio_above}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
-        if self.parallel == "fsdp":
-            raise ConfigError("parallel fsdp is not implemented yet; use parallel ddp (every rank holds the whole model)")
         if not isinstance(self.dist_timeout_s, int) or isinstance(self.dist_timeout_s, bool) or self.dist_timeout_s < 1:
             raise ConfigError(f"dist_timeout_s must be an integer >= 1 (seconds), got {self.dist_timeout_s!r}")
         if self.whiten_advantages not in ("auto", True, False):

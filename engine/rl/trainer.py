@@ -39,6 +39,7 @@ Metrics are reduced over ranks; rank 0 alone writes the run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -191,7 +192,7 @@ class Trainer:
         cfg.check_batch_division(len(self.train_items))  # prompts_per_iteration "all": known only now
         self.prompts_per_iteration = (len(self.train_items) if cfg.prompts_per_iteration == ALL
                                       else cfg.prompts_per_iteration)
-        self._check_world_size()
+        self._check_world_size(resume)
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -232,6 +233,13 @@ class Trainer:
             body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
             body.gradient_checkpointing = cfg.gradient_checkpointing
             self.critic = ValueModel(body, seed=cfg.seed)
+        # --parallel fsdp (engine/rl/fsdp.py): the policy sharded over the ranks; generation runs
+        # inside self._gathered() (whole parameters), training forwards all-gather through FSDP.
+        self._fsdp: list = []
+        if cfg.parallel == "fsdp" and dist.distributed:
+            from engine.rl.fsdp import shard_policy
+
+            self._fsdp = shard_policy(self.policy)
         self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration(len(self.train_items))
                                                  // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
@@ -243,9 +251,10 @@ class Trainer:
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio, cfg.warmup_type))
         # The Engine holds the policy module itself: same parameter tensors, no copy.
-        self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
-                             max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
-                             kv_memory_fraction=cfg.kv_memory_fraction)
+        with self._gathered():
+            self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
+                                 max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
+                                 kv_memory_fraction=cfg.kv_memory_fraction)
         self.judge = self._make_judge(start_dir) if cfg.algo == "capo" else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
@@ -253,11 +262,28 @@ class Trainer:
         self._tb = self._tensorboard() if cfg.tensorboard and dist.is_main else None
 
     # ------------------------------------------------------------------ setup
-    def _check_world_size(self) -> None:
+    def _gathered(self):
+        """Under FSDP: the policy's whole parameters for the block (collective); else nothing."""
+        if not self._fsdp:
+            return contextlib.nullcontext()
+        from engine.rl.fsdp import gathered
+
+        return gathered(self._fsdp)
+
+    def _check_world_size(self, resume: bool) -> None:
         """What data parallelism does not support (yet): errors before any work."""
         world = self.dist.world_size
         if world == 1:
             return
+        if self.cfg.parallel == "fsdp":
+            from engine.rl.fsdp import FSDP_ALGOS
+
+            if self.cfg.algo not in FSDP_ALGOS:
+                raise ConfigError(f"parallel fsdp supports algo {', '.join(FSDP_ALGOS)} so far, not {self.cfg.algo}; "
+                                  f"use parallel ddp")
+            if resume:
+                raise ConfigError("--resume with parallel fsdp is not supported yet (the checkpoints do not hold the "
+                                  "sharded optimizer state); use parallel ddp")
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
@@ -350,14 +376,16 @@ class Trainer:
             self._log(row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **(
                 {"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
-            if (it % cfg.save_every == 0 or it == last) and self.dist.is_main:
-                self.save_checkpoint()
-        if self.iteration == cfg.iterations and self.dist.is_main:
-            from engine.rl.plots import plot_metrics
+            if it % cfg.save_every == 0 or it == last:
+                self.save_checkpoint()  # (rank 0 writes; under FSDP every rank gathers the weights)
+        if self.iteration == cfg.iterations:
+            state = self._full_state_dict()
+            if self.dist.is_main:
+                from engine.rl.plots import plot_metrics
 
-            plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
-            final = self.run_dir / "final"
-            self.policy.save_pretrained(str(final), tokenizer=self.tokenizer)
+                plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
+                final = self.run_dir / "final"
+                self.policy.save_pretrained(str(final), tokenizer=self.tokenizer, state_dict=state)
         if self._tb is not None:
             self._tb.close()
         return row
@@ -404,12 +432,16 @@ class Trainer:
         items = self._items_for(self.iteration)
         lo, hi = self.dist.shard(len(items))
         base = self._iteration_seed("sample")
+        # (FSDP: the whole parameters from sampling to the end of the MC values, one all-gather)
+        generation = contextlib.ExitStack()
+        generation.enter_context(self._gathered())
         episodes = sample_episodes(self.engine, self.task, items[lo:hi],
                                    [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)],
                                    self.progress and "sampling", first_group=lo)
         times["sample"] = time.perf_counter() - t0
         row["sample_tokens_per_s"] = self._sum(e.num_tokens for e in episodes) / times["sample"]
         if cfg.algo in ("restem", "dpo+"):
+            generation.close()
             return self._offline_iteration(row, episodes, times)
 
         t0 = time.perf_counter()
@@ -419,6 +451,7 @@ class Trainer:
             row.update(self._capo_advantages(episodes))
         else:
             mc = self._values_and_advantages(episodes)
+        generation.close()
         times["judge" if cfg.algo == "capo" else "values"] = time.perf_counter() - t0
         if mc is not None:
             s = self.engine.stats
@@ -741,6 +774,7 @@ class Trainer:
 
         # The global episode list is every rank's episodes in rank order; this rank's are the
         # global indices [offset, offset + len(episodes)). Every rank walks the same shuffled order.
+        self._local_episodes = episodes
         lengths_by_rank = self.dist.all_gather_object([e.num_tokens for e in episodes])
         lengths = [n for part in lengths_by_rank for n in part]
         offset = sum(len(part) for part in lengths_by_rank[: self.dist.rank])
@@ -802,7 +836,16 @@ class Trainer:
         if self.critic is not None:
             self.critic_opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for micro in _chunks(minibatch, cfg.micro_batch_size):
+        micros = list(_chunks(minibatch, cfg.micro_batch_size))
+        if self._fsdp and not micros:
+            # FSDP syncs gradients in a backward that every rank must join: without an episode
+            # in this minibatch, this rank backpropagates one of its episodes with weight 0.
+            self._fsdp_zero_backward()
+        for j, micro in enumerate(micros):
+            if self._fsdp:
+                from engine.rl.fsdp import set_sync
+
+                set_sync(self._fsdp, last=j == len(micros) - 1)
             packed = Packed.build(micro, self.device)
             mask = packed.mask()
             pad = lambda xs: packed.pad(torch.cat(xs).to(self.device))  # noqa: E731
@@ -824,6 +867,8 @@ class Trainer:
                 # VinePPO's guard: far off-policy, its policy gradient would be noise. Drop the
                 # graph now, before the critic's pass, so the two never hold activations together.
                 totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
+                if self._fsdp:  # (FSDP: every backward of the schedule runs; this one adds zero)
+                    (loss * 0.0).backward()
                 del loss, out, lp, ent
             else:
                 loss.backward()
@@ -839,7 +884,8 @@ class Trainer:
                 totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
         # Sum over ranks: every rank now holds the gradient of the whole minibatch, and the statistics
         # (already divided by the global counts) add up as the micro-batches' do (ratio_max: the max).
-        self.dist.all_reduce_grads(list(self.policy.parameters()))
+        if not self._fsdp:  # (FSDP has reduce-scattered the sums in the last backward)
+            self.dist.all_reduce_grads(list(self.policy.parameters()))
         if self.critic is not None:
             self.dist.all_reduce_grads(list(self.critic.parameters()))
         if self.dist.distributed:
@@ -849,6 +895,8 @@ class Trainer:
                 for k, v in part.items():
                     totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
@@ -864,6 +912,14 @@ class Trainer:
         self.sched.step()
         totals["grad_norm"] = float(grad_norm)
         return totals
+
+    def _fsdp_zero_backward(self) -> None:
+        """A backward that adds zero to every gradient (FSDP's gradient sync needs every rank)."""
+        from engine.rl.fsdp import set_sync
+
+        set_sync(self._fsdp, last=True)
+        packed = Packed.build(self._local_episodes[:1], self.device)
+        (self._token_logprobs(self.policy, packed).sum() * 0.0).backward()
 
     def _critic_backward(self, micro: list[Episode], packed: Packed, num_tokens: int) -> float:
         """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean over the minibatch."""
@@ -914,8 +970,6 @@ class Trainer:
         else validation; none when only train is evaluated) is also eval_accuracy / eval_stderr /
         eval_majority_accuracy, which the plots and the summary read.
         """
-        from engine.evaluate import majority_correct
-
         cfg = self.cfg
         t0 = time.perf_counter()
         self.policy.eval()
@@ -926,6 +980,15 @@ class Trainer:
                                 seed=cfg.seed if cfg.eval_temperature > 0 else None)
         out: dict[str, float] = {}
         held_out = next((x for x in ("test", "validation") if x in self.eval_sets), None)
+        with self._gathered():
+            self._evaluate_splits(splits, params, held_out, out)
+        out["time_eval"] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def _evaluate_splits(self, splits, params: SamplingParams, held_out: str | None, out: dict) -> None:
+        from engine.evaluate import majority_correct
+
+        cfg = self.cfg
         for split, items in self.eval_sets.items():
             if splits is not None and split not in splits:
                 continue
@@ -951,8 +1014,6 @@ class Trainer:
                 out[f"eval_{split}_{k}"] = v
                 if split == held_out:
                     out[f"eval_{k}"] = v
-        out["time_eval"] = round(time.perf_counter() - t0, 3)
-        return out
 
     # ------------------------------------------------------------------ logging
     def _log(self, row: dict) -> dict:
@@ -969,15 +1030,27 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the policy's whole weights (collective: every rank calls it); else None
+        (save_pretrained reads the module)."""
+        if not self._fsdp:
+            return None
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.policy.state_dict().items()}
+
     def save_checkpoint(self) -> Path:
-        """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune."""
+        """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune.
+        Every rank calls it (FSDP gathers the weights); rank 0 writes."""
         root = self.run_dir / "checkpoints"
         path = root / f"iter_{self.iteration:06d}"
+        full = self._full_state_dict()
+        if not self.dist.is_main:
+            return path
         tmp = root / f".tmp_iter_{self.iteration:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer)
-        state = {"iteration": self.iteration, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": _rng_state()}
+        self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
+        state = {"iteration": self.iteration, "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+        if not self._fsdp:  # (under FSDP each rank holds a shard of it: not saved yet, no resume)
+            state["optimizer"] = self.opt.state_dict()
         if self.critic is not None:
             self.critic.body.save_pretrained(str(tmp / "critic"))
             from safetensors.torch import save_file

@@ -1,0 +1,69 @@
+"""`--parallel fsdp`: the policy's parameters, gradients and optimizer state sharded over the
+ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`); a prototype (see the limits below).
+
+    torchrun --nproc-per-node 2 -m engine.train --preset smoke --parallel fsdp
+
+How it meets the trainer:
+* fused q/k/v and gate/up matmuls are row-block views of one storage, which fully_shard (one
+  DTensor per parameter) would break, so fusion is turned off first (`unfuse_linears`);
+* every decoder layer and the root are `fully_shard`ed with reshard_after_forward=False: the
+  first forward of a phase all-gathers a group, and it stays whole until the backward that
+  syncs gradients (or `reshard`), so a phase does one all-gather per group whatever its number
+  of forwards (ranks may run different numbers of micro-batches);
+* the Engine reads the parameters outside any FSDP forward, so generation (sampling, MC
+  rollouts, evaluation), HF export and the Engine's construction run inside `gathered`:
+  all-gather every group, work on plain tensors, reshard;
+* gradients: within a minibatch only the last backward of each rank syncs (reduce-scatter
+  with divide factor 1: a sum over ranks, as the data-parallel path's all-reduce); a rank with
+  no episode in a minibatch runs one zero-weighted backward so that every rank joins it;
+* the optimizer (engine.rl.optim.AdamW, elementwise) steps on the local shards (DTensors).
+
+Limits (config errors): vineppo, grpo and rloo only (no PPO critic, RestEM, DPO+, CAPO), no
+--resume (checkpoints hold the HF weights but not the sharded optimizer state). The frozen
+reference model stays whole on every rank.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+from engine.model.fused_linear import unfuse_linears
+
+FSDP_ALGOS = ("vineppo", "grpo", "rloo")
+
+
+def shard_policy(model: nn.Module) -> list[FSDPModule]:
+    """fully_shard every decoder layer and the root of `model` (in place); the FSDP modules,
+    root last."""
+    unfuse_linears(model)
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")  # the trainer's forward
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_gradient_divide_factor(1.0)  # gradients summed over ranks, not averaged
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return modules
+
+
+@contextmanager
+def gathered(modules: list[FSDPModule]):
+    """Every group all-gathered (plain, whole parameters on the modules) for the block; then
+    sharded again. Every rank must enter it (it is collective)."""
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+
+
+def set_sync(modules: list[FSDPModule], last: bool) -> None:
+    """Before a backward: sync (reduce-scatter) and reshard only on a minibatch's last one."""
+    for m in modules:
+        m.set_requires_gradient_sync(last, recurse=False)
+        m.set_reshard_after_backward(last, recurse=False)
