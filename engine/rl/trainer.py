@@ -236,6 +236,7 @@ class Trainer:
         # --parallel fsdp (engine/rl/fsdp.py): the policy sharded over the ranks; generation runs
         # inside self._gathered() (whole parameters), training forwards all-gather through FSDP.
         self._fsdp: list = []
+        self._local_episodes: list[Episode] = []  # (this rank's episodes during an update)
         if cfg.parallel == "fsdp" and dist.distributed:
             from engine.rl.fsdp import shard_policy
 
@@ -792,6 +793,7 @@ class Trainer:
                 count += 1
                 bar.update()
         bar.close()
+        self._local_episodes = []
         self.policy.eval()
         if self.critic is not None:
             self.critic.eval()
