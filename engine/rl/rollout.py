@@ -68,8 +68,9 @@ def trim_stop_string(tokenizer, token_ids: Sequence[int], text: str, eos_id: int
     return [eos_id]  # unreachable: the empty prefix always qualifies
 
 
-def sample_episodes(engine: Engine, task: Task, items: Sequence[Item], params: SamplingParams | Sequence[SamplingParams],
-                    progress: bool | str = False, first_group: int = 0) -> list[Episode]:
+def sample_episodes(engine: Engine, task: Task, items: Sequence[Item],
+                    params: SamplingParams | Sequence[SamplingParams], progress: bool | str = False,
+                    first_group: int = 0) -> list[Episode]:
     """params.n responses per item, graded by the task. Episodes of one item are consecutive.
 
     params: one SamplingParams for all items, or one per item (e.g. each with its own seed);

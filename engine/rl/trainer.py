@@ -202,7 +202,7 @@ class Trainer:
                             if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
             if differ:
                 raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was started with in "
-                                 f"{', '.join(differ)} (only iterations, stop_after and dist_timeout_s may change; a run saved "
+                                 f"{', '.join(differ)} (only {', '.join(RESUME_MAY_CHANGE)} may change; a run saved "
                                  f"before a key existed lacks it)")
         elif dist.is_main:
             self._clear_previous_run()
