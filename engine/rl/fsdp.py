@@ -18,15 +18,21 @@ How it meets the trainer:
   no episode in a minibatch runs one zero-weighted backward so that every rank joins it;
 * the optimizer (engine.rl.optim.AdamW, elementwise) steps on the local shards (DTensors).
 
-Limits (config errors): vineppo, grpo and rloo only (no PPO critic, RestEM, DPO+, CAPO), no
---resume (checkpoints hold the HF weights but not the sharded optimizer state). The frozen
-reference model stays whole on every rank.
+* checkpoints: the HF weights (gathered; rank 0 writes them) plus one `optimizer_rank<r>.pt`
+  per rank with its shards of the optimizer state; --resume (same world size) copies each
+  rank's slice of the weights into its shards and loads its own optimizer file.
+
+Limits (config errors): vineppo, grpo and rloo only (no PPO critic, RestEM, DPO+, CAPO);
+resume only with the world size that wrote the checkpoint. The frozen reference model stays
+whole on every rank.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from engine.model.fused_linear import unfuse_linears
@@ -67,3 +73,48 @@ def set_sync(modules: list[FSDPModule], last: bool) -> None:
     for m in modules:
         m.set_requires_gradient_sync(last, recurse=False)
         m.set_reshard_after_backward(last, recurse=False)
+
+
+def local_shard(full: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's rows of `full` for the dim-0-sharded `param` (torch.chunk's split, as FSDP2's)."""
+    mesh = param.device_mesh
+    chunks = list(full.chunk(mesh.size(), dim=0))
+    rank = mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full[:0]
+    if part.shape != param.to_local().shape:
+        raise RuntimeError(f"shard of shape {tuple(param.to_local().shape)} does not match rows "
+                           f"{tuple(part.shape)} of a {tuple(full.shape)} tensor")
+    return part
+
+
+@torch.no_grad()
+def load_full_weights(model: nn.Module, source: nn.Module) -> None:
+    """Copy the whole (unsharded) parameters of `source` into `model`'s shards, in place."""
+    for p, q in zip(model.parameters(), source.parameters(), strict=True):
+        if isinstance(p, DTensor):
+            p.to_local().copy_(local_shard(q.to(p.device), p))
+        else:
+            p.copy_(q)
+
+
+def local_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """opt.state_dict() with each DTensor replaced by this rank's local shard (plain tensors,
+    which torch.load(weights_only=True) reads back)."""
+    sd = opt.state_dict()
+    sd["state"] = {k: {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in v.items()}
+                   for k, v in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """The inverse of local_optimizer_state: load, then wrap each shard as its parameter's DTensor."""
+    opt.load_state_dict(sd)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            state = opt.state[p]
+            for name, t in list(state.items()):
+                if torch.is_tensor(t) and not isinstance(t, DTensor) and t.shape == p.to_local().shape and t.dim():
+                    state[name] = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                                     shape=p.shape, stride=p.stride())

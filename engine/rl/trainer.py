@@ -192,7 +192,7 @@ class Trainer:
         cfg.check_batch_division(len(self.train_items))  # prompts_per_iteration "all": known only now
         self.prompts_per_iteration = (len(self.train_items) if cfg.prompts_per_iteration == ALL
                                       else cfg.prompts_per_iteration)
-        self._check_world_size(resume)
+        self._check_world_size()
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -271,7 +271,7 @@ class Trainer:
 
         return gathered(self._fsdp)
 
-    def _check_world_size(self, resume: bool) -> None:
+    def _check_world_size(self) -> None:
         """What data parallelism does not support (yet): errors before any work."""
         world = self.dist.world_size
         if world == 1:
@@ -282,9 +282,6 @@ class Trainer:
             if self.cfg.algo not in FSDP_ALGOS:
                 raise ConfigError(f"parallel fsdp supports algo {', '.join(FSDP_ALGOS)} so far, not {self.cfg.algo}; "
                                   f"use parallel ddp")
-            if resume:
-                raise ConfigError("--resume with parallel fsdp is not supported yet (the checkpoints do not hold the "
-                                  "sharded optimizer state); use parallel ddp")
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
@@ -1044,14 +1041,23 @@ class Trainer:
         Every rank calls it (FSDP gathers the weights); rank 0 writes."""
         root = self.run_dir / "checkpoints"
         path = root / f"iter_{self.iteration:06d}"
+        tmp = root / f".tmp_iter_{self.iteration:06d}"
         full = self._full_state_dict()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
+        if self._fsdp:  # every rank writes its shards of the optimizer state before rank 0 publishes the folder
+            from engine.rl.fsdp import local_optimizer_state
+
+            self.dist.barrier()
+            torch.save({"optimizer": local_optimizer_state(self.opt)}, tmp / f"optimizer_rank{self.dist.rank}.pt")
+            self.dist.barrier()
         if not self.dist.is_main:
             return path
-        tmp = root / f".tmp_iter_{self.iteration:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
         state = {"iteration": self.iteration, "scheduler": self.sched.state_dict(), "rng": _rng_state()}
-        if not self._fsdp:  # (under FSDP each rank holds a shard of it: not saved yet, no resume)
+        if self._fsdp:
+            state["fsdp_world_size"] = self.dist.world_size
+        else:
             state["optimizer"] = self.opt.state_dict()
         if self.critic is not None:
             self.critic.body.save_pretrained(str(tmp / "critic"))
@@ -1073,13 +1079,26 @@ class Trainer:
         if not pointer.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint in {root}")
         path = root / pointer.read_text().strip()
-        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
-        with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
-            for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
-                p.copy_(q)
         # weights_only: plain tensors and containers, no code runs from the file.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(state["optimizer"])
+        written = state.get("fsdp_world_size")
+        here = self.dist.world_size if self._fsdp else None
+        if written != here:
+            raise ConfigError(f"cannot resume {path}: it was written with "
+                              f"{f'parallel fsdp on {written} ranks' if written else 'whole optimizer state'}, and "
+                              f"this run is {f'parallel fsdp on {here} ranks' if here else 'not sharded'}")
+        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
+        if self._fsdp:  # each rank copies its rows of the weights into its shards
+            from engine.rl.fsdp import load_full_weights, load_local_optimizer_state
+
+            load_full_weights(self.policy, loaded)
+            load_local_optimizer_state(self.opt, torch.load(path / f"optimizer_rank{self.dist.rank}.pt",
+                                                            map_location="cpu", weights_only=True)["optimizer"])
+        else:
+            with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
+                for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
+                    p.copy_(q)
+            self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.critic is not None:
             body, _ = load_model(path / "critic", dtype=self.dtype, device=self.device)

@@ -119,13 +119,19 @@ def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, algo, one_pro
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["iterations_done"] == 2
 
 
-def test_fsdp_trains_the_same_weights_as_one_process(tmp_path, one_process):
+def test_fsdp_trains_and_resumes_to_the_same_weights_as_one_process(tmp_path, one_process):
     # --parallel fsdp: parameters, gradients and optimizer state sharded with FSDP2 (fully_shard).
     # Minibatches of 2 episodes: some hold only one rank's episodes, so the other rank joins the
-    # gradient sync with a zero-weighted backward.
+    # gradient sync with a zero-weighted backward. Stopped after iteration 1 and resumed: each
+    # rank reloads its shards of the weights and of the optimizer state.
     small = ("--minibatch-size", "2", "--micro-batch-size", "1")
-    two = _launch(tmp_path / "two", "--algo", "grpo", "--parallel", "fsdp", *small)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    fsdp = ("--algo", "grpo", "--parallel", "fsdp", *small)
+    first = _launch(tmp_path / "two", *fsdp, "--stop-after", "1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "iter_000001").glob("optimizer_rank*.pt")) == [
+        "optimizer_rank0.pt", "optimizer_rank1.pt"]
+    resumed = _launch(tmp_path / "two", *fsdp, "--resume", "--stop-after", "null")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     _assert_same_run(one_process("grpo", *small), tmp_path / "two")
 
 
