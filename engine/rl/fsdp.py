@@ -31,7 +31,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
@@ -44,9 +46,11 @@ def shard_policy(model: nn.Module) -> list[FSDPModule]:
     """fully_shard every decoder layer and the root of `model` (in place); the FSDP modules,
     root last."""
     unfuse_linears(model)
+    # the mesh on the model's device type (not FSDP's default, CUDA whenever present)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (tdist.get_world_size(),))
     for layer in model.model.layers:
-        fully_shard(layer, reshard_after_forward=False)
-    fully_shard(model, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")  # the trainer's forward
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in modules:
