@@ -216,9 +216,12 @@ class Trainer:
         # Rank 0 builds the starting checkpoint (tiny model, SFT) while the others wait for its path
         # (dist_timeout_s must cover the SFT stage); then every rank's random streams start alike.
         start_dir = Path(dist.broadcast_object(str(self._initial_policy()) if dist.is_main else None))
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        if dist.distributed:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+        # Seeded sampling (config seeded_sampling): the episodes do not depend on the world size.
+        self.seeded = cfg.seeded_sampling is True or (cfg.seeded_sampling == "auto" and dist.distributed)
         self.policy, self.tokenizer = load_model(start_dir, dtype=self.dtype, device=self.device)
         if self.tokenizer is None:
             raise ValueError(f"{start_dir} has no tokenizer files; the trainer needs one to read and grade responses")
@@ -433,9 +436,9 @@ class Trainer:
         # (FSDP: the whole parameters from sampling to the end of the MC values, one all-gather)
         generation = contextlib.ExitStack()
         generation.enter_context(self._gathered())
-        episodes = sample_episodes(self.engine, self.task, items[lo:hi],
-                                   [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)],
-                                   self.progress and "sampling", first_group=lo)
+        per_item = [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)] if self.seeded else params
+        episodes = sample_episodes(self.engine, self.task, items[lo:hi], per_item, self.progress and "sampling",
+                                   first_group=lo)
         times["sample"] = time.perf_counter() - t0
         row["sample_tokens_per_s"] = self._sum(e.num_tokens for e in episodes) / times["sample"]
         if cfg.algo in ("restem", "dpo+"):
@@ -661,7 +664,7 @@ class Trainer:
             adaptive = AdaptiveK(cfg.k_min, cfg.k_max, cfg.k) if cfg.k_adaptive else None
             stats = mc_values(self.engine, self.task, episodes, k=cfg.k, params=params,
                               max_states=cfg.max_states_per_response, progress=self.progress and "MC values",
-                              adaptive=adaptive, seed=self._iteration_seed("mc"))
+                              adaptive=adaptive, seed=self._iteration_seed("mc") if self.seeded else None)
             for ep in episodes:
                 step_adv = adv_lib.vineppo_step_advantages(ep.state_values, ep.reward)
                 ep.advantages = adv_lib.broadcast_steps(step_adv, ep.step_ends)
@@ -812,6 +815,9 @@ class Trainer:
         """Advantages whitened over every token of the (global) minibatch, as adv_lib.whiten:
         (x - mean) / sqrt(unbiased var + 1e-8), the mean and variance summed over ranks (float64)."""
         flat = torch.cat([e.advantages for e in minibatch]) if minibatch else torch.zeros(0)
+        if not self.dist.distributed:  # one process: the minibatch is all here
+            white = adv_lib.whiten(flat, torch.ones_like(flat, dtype=torch.bool))
+            return {id(e): a for e, a in zip(minibatch, white.split([e.num_tokens for e in minibatch]))}
         x = flat.double()
         n, total = self.dist.all_reduce_sum([x.numel(), float(x.sum())])
         if n == 0:

@@ -32,6 +32,7 @@ FLAGS = [
     "--task-args", "{steps: 1, max_operand: 9, n_test: 16, n_train: 64}",
     "--sft-steps", "0", "--eval-items", "4", "--tensorboard", "false", "--kv-cache-tokens", "4096", "--quiet",
     "--dist-timeout-s", "30",
+    "--seeded-sampling", "true",  # (auto = on under torchrun only): one process samples what the ranks sample
 ]
 REWARD_KEYS = ("reward_mean", "train_accuracy", "response_length", "truncated_frac", "unfinished_frac",
                "adv_mean", "adv_std", "adv_zero_frac", "eval_accuracy", "mc_states_requested", "mc_rollouts",
