@@ -10,12 +10,25 @@ Every key of engine.rl.config.TrainConfig is a flag (`--max-new-tokens 512`, `--
 '{steps: 3}'`); values use YAML syntax. Writes <run-dir>/config.yaml, metrics.jsonl (one row per
 iteration), curves.png, checkpoints/ (HF format + optimizer/scheduler/RNG state), final/ and
 summary.json.
+
+Data parallel: `torchrun --nproc-per-node N -m engine.train ...` (same flags). Each rank
+samples and trains on its share of the prompts and the ranks sum their gradients (gloo on CPU,
+NCCL on CUDA; engine/rl/distributed.py); rank 0 writes the run directory. An error on any rank
+ends every rank with a non-zero exit: the failing rank prints it and exits, the others fail in
+their next collective (at the latest after --dist-timeout-s seconds) or are stopped by torchrun.
+
+Test-only hooks (environment variables, read here and nowhere else):
+    ENGINE_TEST_REWARD=digit    reward 1 for any response with a digit (a random tiny model then
+                                earns reward about half the time, so short runs do update)
+    ENGINE_TEST_FAIL_RANK=r     the grader of rank r raises (checks that a failing rank ends the job)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 import time
 from pathlib import Path
 
@@ -49,6 +62,17 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.preset or "default", overrides)
 
 
+def _test_hooks(trainer, rank: int) -> None:
+    """The ENGINE_TEST_* hooks of the module docstring (tests only)."""
+    if os.environ.get("ENGINE_TEST_REWARD") == "digit":
+        trainer.task.reward = lambda response, item, finish_reason="stop": float(any(c.isdigit() for c in response))
+    fail = os.environ.get("ENGINE_TEST_FAIL_RANK")
+    if fail is not None and int(fail) == rank:
+        def broken(response, item, finish_reason="stop"):
+            raise RuntimeError(f"injected grader failure on rank {rank} (ENGINE_TEST_FAIL_RANK)")
+        trainer.task.reward = broken
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
@@ -56,21 +80,47 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from engine.rl.distributed import init_from_env
+
+    dist = init_from_env(cfg.dist_timeout_s, cfg.device)
+    if not dist.distributed:
+        return _main(args, cfg, dist)
+    try:
+        out = _main(args, cfg, dist)
+    except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if not isinstance(e, SystemExit):
+            traceback.print_exc()
+            print(f"error (rank {dist.rank} of {dist.world_size}): {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Leave at once, without the process group's shutdown handshake (the other ranks may be
+        # waiting in a collective): they fail in it when this rank's connections close, at the
+        # latest after dist_timeout_s, and torchrun stops the job with a non-zero exit.
+        os._exit(code or 1)
+    dist.shutdown()
+    return out
+
+
+def _main(args: argparse.Namespace, cfg, dist) -> dict:
     from engine.rl.trainer import Trainer, TrainingDiverged  # heavy imports after the argument checks
 
     from engine.tasks import TaskDataError
 
     t0 = time.perf_counter()
     try:
-        trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet)
+        trainer = Trainer(cfg, resume=args.resume, progress=not args.quiet, dist=dist)
     except (ConfigError, TaskDataError, FileNotFoundError) as e:  # bad input found while setting up: no traceback
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    _test_hooks(trainer, dist.rank)
     try:
         last = trainer.run()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if not dist.is_main:
+        return {}
     rows = [json.loads(x) for x in trainer.metrics_path.read_text().splitlines() if x.strip()]
     evals = [r for r in rows if "eval_accuracy" in r]
     summary = {

@@ -92,12 +92,16 @@ def load_tokenizer(folder: str | os.PathLike):
         raise CheckpointError(f"could not load the tokenizer in {folder}: {err}") from err
 
 
-def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
-    """config.json + model.safetensors (or shards + index) that transformers loads unchanged."""
+def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB", tokenizer=None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors (or shards + index) that transformers loads unchanged.
+
+    state_dict: the tensors to write instead of model.state_dict() (e.g. an FSDP model's, gathered)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    state = {name: t.detach().contiguous().cpu()
+             for name, t in (model.state_dict() if state_dict is None else state_dict).items()}
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     cfg = model.config.to_hf_dict()
     if len(dtypes) == 1:

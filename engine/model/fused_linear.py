@@ -28,6 +28,10 @@ so optimizers and the Engine still hold the right tensors):
 A state dict's tensors are views of the fused storage, one per HF name; safetensors writes
 non-overlapping views of one storage as separate tensors (only their own bytes), so
 checkpoints are unchanged.
+
+`unfuse_linears(model)` turns fusion off for good (each parameter gets its own storage and
+`fused_linear` runs one matmul per Linear): for wrappers that replace each parameter on its own,
+such as FSDP2's `fully_shard`, which would break the shared storage.
 """
 from __future__ import annotations
 
@@ -172,6 +176,8 @@ class FusedLinears(nn.Module):
 
     def fuse_linears(self) -> None:
         """(Re-)build the fused storage of every group whose parameters do not share one."""
+        if getattr(self, "_unfused", False):
+            return
         if not hasattr(self, "_fused"):
             self._fused: list[_Fused | None] = [None] * len(self.fused_groups)
             self.register_load_state_dict_post_hook(_fuse_after_load)
@@ -183,6 +189,8 @@ class FusedLinears(nn.Module):
     def fused_linear(self, x: torch.Tensor, group: int) -> torch.Tensor:
         """[..., in] -> [..., sum(out)]: every Linear of group `group` in one matmul, outputs in order."""
         linears = [getattr(self, name) for name in self.fused_groups[group]]
+        if getattr(self, "_unfused", False):
+            return torch.cat([F.linear(x, m.weight, m.bias) for m in linears], dim=-1)
         params = _params(linears)
         fused = self._fused[group]
         if not _intact(fused, params):
@@ -201,6 +209,18 @@ class FusedLinears(nn.Module):
         if recurse:
             self.fuse_linears()
         return self
+
+
+def unfuse_linears(model: nn.Module) -> None:
+    """Turn fusion off in every FusedLinears module of `model`: each parameter gets its own
+    storage (same Parameter objects, values kept) and is used by its own matmul from now on."""
+    for module in model.modules():
+        if isinstance(module, FusedLinears):
+            module._unfused = True
+            module._fused = [None] * len(module.fused_groups)
+            for names in module.fused_groups:
+                for p in _params([getattr(module, n) for n in names]):
+                    p.data = p.data.clone()
 
 
 def _fuse_after_load(module: FusedLinears, incompatible_keys) -> None:

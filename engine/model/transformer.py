@@ -322,11 +322,12 @@ class Transformer(nn.Module):
         return "flash" if input_ids.is_cuda and half and flash_attn_varlen() is not None else "sdpa"
 
     # --------------------------------------------------------------- checkpoints
-    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", tokenizer=None) -> None:
+    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", tokenizer=None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json + safetensors (sharded above max_shard_size) in HF layout."""
         from engine.model.checkpoint import save_model
 
-        save_model(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
+        save_model(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer, state_dict=state_dict)
 
     @property
     def num_parameters(self) -> int:

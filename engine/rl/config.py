@@ -144,6 +144,14 @@ class TrainConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = True           # when installed
     stop_after: int | None = None      # stop after this iteration as if interrupted (resume later)
+    # ---- data parallelism (torchrun --nproc-per-node N -m engine.train; engine/rl/distributed.py)
+    parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: sharded with FSDP2 (vineppo/grpo/rloo; a prototype)
+    dist_timeout_s: int = 300          # collective timeout: a failed rank ends the others within this
+    # auto = on under torchrun: every prompt's samples seeded by (seed, iteration, prompt index) and
+    # every MC state's rollouts by (seed, iteration, its tokens), so the episodes do not depend on
+    # the world size; off, sampling draws from torch's generator (cheaper on the host: no per-row
+    # seed mixing); true gives a single process the data-parallel run's episodes
+    seeded_sampling: str | bool = "auto"
 
     # ------------------------------------------------------------------ derived values
     def episodes_per_iteration(self, num_train_items: int | None = None) -> int:
@@ -276,6 +284,12 @@ class TrainConfig:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:
             raise ConfigError(f"skip_ratio_above must be > 1 or null, got {self.skip_ratio_above}")
+        if self.seeded_sampling not in ("auto", True, False):
+            raise ConfigError(f"seeded_sampling must be auto, true or false, got {self.seeded_sampling!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if not isinstance(self.dist_timeout_s, int) or isinstance(self.dist_timeout_s, bool) or self.dist_timeout_s < 1:
+            raise ConfigError(f"dist_timeout_s must be an integer >= 1 (seconds), got {self.dist_timeout_s!r}")
         if self.whiten_advantages not in ("auto", True, False):
             raise ConfigError(f"whiten_advantages must be auto, true or false, got {self.whiten_advantages!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -9,15 +9,16 @@ the cached KV K ways.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from engine.runtime import Engine, SamplingParams
-from engine.runtime.params import cut_at_stop
+from engine.runtime.params import cut_at_stop, mix_seed
 from engine.tasks import Item, Task
 
 
@@ -67,9 +68,14 @@ def trim_stop_string(tokenizer, token_ids: Sequence[int], text: str, eos_id: int
     return [eos_id]  # unreachable: the empty prefix always qualifies
 
 
-def sample_episodes(engine: Engine, task: Task, items: Sequence[Item], params: SamplingParams,
-                    progress: bool | str = False) -> list[Episode]:
+def sample_episodes(engine: Engine, task: Task, items: Sequence[Item],
+                    params: SamplingParams | Sequence[SamplingParams], progress: bool | str = False,
+                    first_group: int = 0) -> list[Episode]:
     """params.n responses per item, graded by the task. Episodes of one item are consecutive.
+
+    params: one SamplingParams for all items, or one per item (e.g. each with its own seed);
+    they must agree on `stop`. Item j's episodes get group `first_group + j` (a rank's shard
+    of an iteration's prompts keeps the prompts' global indices).
 
     Responses that ended on a stop string are cut before it and end with EOS instead. A
     response that stopped without a final answer (`task.final_answer` is None) is unfinished,
@@ -79,13 +85,14 @@ def sample_episodes(engine: Engine, task: Task, items: Sequence[Item], params: S
     tok = engine.tokenizer
     prompts = [tok.encode(task.prompt(it)) for it in items]
     outs = engine.generate(prompts, params, progress=progress)
+    stop = params.stop if isinstance(params, SamplingParams) else (params[0].stop if params else ())
     eos = set(engine.eos_token_ids)
     episodes = []
-    for g, (item, ids, completions) in enumerate(zip(items, prompts, outs)):
+    for g, (item, ids, completions) in enumerate(zip(items, prompts, outs), start=first_group):
         for c in completions:
             response = list(c.token_ids)
             finish = c.finish_reason
-            if params.stop and finish == "stop" and response[-1] not in eos:
+            if stop and finish == "stop" and response[-1] not in eos:
                 response = trim_stop_string(tok, response, c.text, tok.eos_token_id)
             if finish == "stop" and task.final_answer(c.text) is None:
                 finish = "unfinished"
@@ -160,9 +167,18 @@ def state_boundaries(ep: Episode, max_states: int | None) -> list[int]:
     return bounds[:max_states] if max_states is not None else bounds
 
 
+def state_seed(seed: int, tokens: Sequence[int]) -> int:
+    """The rollout seed of the state `tokens` (prompt + response prefix) under `seed`: a pure
+    function of the state's content, so a state gets the same rollouts whichever episode, rank
+    or batch it is estimated in (and whether or not it was merged with an identical state)."""
+    digest = hashlib.blake2b(b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens),
+                             digest_size=8).digest()
+    return mix_seed(seed, int.from_bytes(digest, "little") >> 1)
+
+
 def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int, params: SamplingParams,
               max_states: int | None = None, stop: Sequence[str] = (), progress: bool | str = False,
-              adaptive: AdaptiveK | None = None) -> MCStats:
+              adaptive: AdaptiveK | None = None, seed: int | None = None) -> MCStats:
     """Fill `ep.state_values` (one per step) with Monte Carlo estimates.
 
     V(s) = mean reward of k rollouts from s, each graded on the whole response (the state's
@@ -174,6 +190,10 @@ def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int
     With `adaptive`, k is ignored: states get adaptive.k_min rollouts, then rounds of
     `allocate_rollouts` spend the rest of round(mean_k x states) rollouts (the prefixes are
     still cached, so a later round forks their KV again).
+    seed: None draws the rollouts from torch's global generator (as before); an int seeds each
+    state's rollouts from (seed, the state's tokens, the round) with `state_seed`, so the values
+    do not depend on which other states are estimated with it (data-parallel ranks). With
+    `adaptive`, which states get more rollouts still depends on the other states of the call.
     """
     t0 = time.perf_counter()
     stats = MCStats()
@@ -196,12 +216,16 @@ def mc_values(engine: Engine, task: Task, episodes: Sequence[Episode], *, k: int
     keys = [list(key) for key in requests]
     tok = engine.tokenizer
     counts, sums, sq_sums = [0] * len(keys), [0.0] * len(keys), [0.0] * len(keys)
+    state_seeds = [state_seed(seed, key) for key in keys] if seed is not None else []
 
     def run(rows: list[int], ns: list[int]) -> None:
         """`ns[j]` rollouts from state `rows[j]`, graded into the running sums."""
         by_n = {n: SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                   max_new_tokens=params.max_new_tokens, stop=params.stop) for n in set(ns)}
-        sampling = by_n[ns[0]] if len(by_n) == 1 else [by_n[n] for n in ns]
+        if seed is None:
+            sampling = by_n[ns[0]] if len(by_n) == 1 else [by_n[n] for n in ns]
+        else:  # one seed per (state, round): a later round draws new rollouts, not the first round's again
+            sampling = [replace(by_n[n], seed=mix_seed(state_seeds[i], stats.rounds)) for i, n in zip(rows, ns)]
         outs = engine.generate([keys[i] for i in rows], sampling, progress=progress if not stats.rounds else False)
         stats.rounds += 1
         for i, completions in zip(rows, outs):

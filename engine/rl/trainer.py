@@ -22,9 +22,24 @@ frozen reference) for `epochs` passes, with a fresh optimizer each iteration.
 Held-out evaluation every `eval_every` iterations; one metrics row per iteration in
 <run_dir>/metrics.jsonl; checkpoints (HF model + optimizer, scheduler, RNG and critic state)
 every `save_every` iterations; `resume=True` continues from the latest one exactly.
+
+Data parallelism (`dist`, engine/rl/distributed.py; `torchrun --nproc-per-node N -m engine.train`):
+every rank holds the whole model and its own Engine. Rank r samples a contiguous shard of the
+iteration's prompts (a prompt's samples stay on one rank, so GRPO/RLOO/CAPO groups are whole;
+episode groups keep the prompts' global indices), and every prompt's sampling seed is mixed from
+(run seed, iteration, global prompt index), MC rollouts from (run seed, iteration, the state's
+tokens): the episodes do not depend on the world size. The update walks the same global
+shuffled minibatches on every rank; a rank computes the loss of the minibatch's episodes it
+owns with the GLOBAL minibatch's token/sequence counts as normalisers (and global whitening
+statistics), the gradients are summed over ranks before clipping, and every rank applies the
+same step: the gradient is the one-process gradient of the same global batch. The ratio guard
+(skip_ratio_above) still acts per micro-batch, i.e. per rank's share: a skipped micro-batch (or a
+rank with no episode in a minibatch) contributes zero gradient and still joins the all-reduce.
+Metrics are reduced over ranks; rank 0 alone writes the run directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +48,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +60,7 @@ from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends 
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl import advantages as adv_lib
 from engine.rl.config import ALL, ConfigError, TrainConfig, config_from_run, dump_config
+from engine.rl.distributed import Dist
 from engine.rl.loss import aggregate, ppo_loss
 from engine.rl.capo import flag_precision_recall, group_token_advantages, rule_wrong_steps, token_rewards, vote
 from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
@@ -53,11 +69,13 @@ from engine.rl.optim import AdamW, warmup_linear_decay
 from engine.rl.rollout import AdaptiveK, Episode, MCStats, mc_values, sample_episodes
 from engine.rl.steps import step_spans, step_token_ends
 from engine.runtime import Engine, SamplingParams
+from engine.runtime.params import mix_seed
 from engine.tasks import Item, Task, TaskDataError, load_task
 from kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
+RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
 
 
@@ -155,11 +173,13 @@ def _tuples(x):
 class Trainer:
     """VinePPO / PPO / GRPO / RLOO / RestEM / DPO+ on a model the Engine samples from directly."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: Dist | None = None):
         self.cfg = cfg.validate()
-        self.progress = progress
+        self.dist = dist = dist if dist is not None else Dist()
+        self.progress = progress and dist.is_main  # (one set of progress bars)
         self.run_dir = Path(cfg.run_dir)
         self.device, self.dtype = resolve_device(cfg)
+        self.device = dist.device(self.device)
         try:
             self.task: Task = load_task(cfg.task, **cfg.task_args)
         except TaskDataError:
@@ -172,25 +192,36 @@ class Trainer:
         cfg.check_batch_division(len(self.train_items))  # prompts_per_iteration "all": known only now
         self.prompts_per_iteration = (len(self.train_items) if cfg.prompts_per_iteration == ALL
                                       else cfg.prompts_per_iteration)
+        self._check_world_size()
         self.iteration = 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             saved = config_from_run(self.run_dir)
             now = cfg.to_dict()
             differ = sorted(k for k in set(saved) | set(now)
-                            if k not in ("iterations", "stop_after") and saved.get(k) != now.get(k))
+                            if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
             if differ:
                 raise ConfigError(f"--resume: the config differs from the one {self.run_dir} was started with in "
-                                 f"{', '.join(differ)} (only iterations and stop_after may change; a run saved "
+                                 f"{', '.join(differ)} (only {', '.join(RESUME_MAY_CHANGE)} may change; a run saved "
                                  f"before a key existed lacks it)")
-        else:
+        elif dist.is_main:
             self._clear_previous_run()
-        dump_config(cfg, self.run_dir / "config.yaml")
+        dist.barrier()  # every rank has read the run directory before rank 0 rewrites it
+        if dist.is_main:
+            dump_config(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        start_dir = self._initial_policy()
+        # Rank 0 builds the starting checkpoint (tiny model, SFT) while the others wait for its path
+        # (dist_timeout_s must cover the SFT stage); then every rank's random streams start alike.
+        start_dir = Path(dist.broadcast_object(str(self._initial_policy()) if dist.is_main else None))
+        if dist.distributed:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+        # Seeded sampling (config seeded_sampling): the episodes do not depend on the world size.
+        self.seeded = cfg.seeded_sampling is True or (cfg.seeded_sampling == "auto" and dist.distributed)
         self.policy, self.tokenizer = load_model(start_dir, dtype=self.dtype, device=self.device)
         if self.tokenizer is None:
             raise ValueError(f"{start_dir} has no tokenizer files; the trainer needs one to read and grade responses")
@@ -205,6 +236,14 @@ class Trainer:
             body, _ = load_model(start_dir, dtype=self.dtype, device=self.device)
             body.gradient_checkpointing = cfg.gradient_checkpointing
             self.critic = ValueModel(body, seed=cfg.seed)
+        # --parallel fsdp (engine/rl/fsdp.py): the policy sharded over the ranks; generation runs
+        # inside self._gathered() (whole parameters), training forwards all-gather through FSDP.
+        self._fsdp: list = []
+        self._local_episodes: list[Episode] = []  # (this rank's episodes during an update)
+        if cfg.parallel == "fsdp" and dist.distributed:
+            from engine.rl.fsdp import shard_policy
+
+            self._fsdp = shard_policy(self.policy)
         self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration(len(self.train_items))
                                                  // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
@@ -216,16 +255,43 @@ class Trainer:
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_opt, warmup_linear_decay(total, cfg.warmup_ratio, cfg.warmup_type))
         # The Engine holds the policy module itself: same parameter tensors, no copy.
-        self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
-                             max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
-                             kv_memory_fraction=cfg.kv_memory_fraction)
+        with self._gathered():
+            self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
+                                 max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
+                                 kv_memory_fraction=cfg.kv_memory_fraction)
         self.judge = self._make_judge(start_dir) if cfg.algo == "capo" else None
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._load_latest()
-        self._tb = self._tensorboard() if cfg.tensorboard else None
+        self._tb = self._tensorboard() if cfg.tensorboard and dist.is_main else None
 
     # ------------------------------------------------------------------ setup
+    def _gathered(self):
+        """Under FSDP: the policy's whole parameters for the block (collective); else nothing."""
+        if not self._fsdp:
+            return contextlib.nullcontext()
+        from engine.rl.fsdp import gathered
+
+        return gathered(self._fsdp)
+
+    def _check_world_size(self) -> None:
+        """What data parallelism does not support (yet): errors before any work."""
+        world = self.dist.world_size
+        if world == 1:
+            return
+        if self.cfg.parallel == "fsdp":
+            from engine.rl.fsdp import FSDP_ALGOS
+
+            if self.cfg.algo not in FSDP_ALGOS:
+                raise ConfigError(f"parallel fsdp supports algo {', '.join(FSDP_ALGOS)} so far, not {self.cfg.algo}; "
+                                  f"use parallel ddp")
+        if self.prompts_per_iteration % world:
+            raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
+                              f"{world}: every rank samples an equal share of the prompts")
+        if self.cfg.algo == "capo":
+            raise ConfigError(f"algo capo does not run data-parallel yet (world size {world}); the other "
+                              f"algorithms do, or run it in one process")
+
     def _clear_previous_run(self) -> None:
         """A fresh start in a used run directory: drop what the old run left (or --resume would mix them)."""
         stale = [p for p in PREVIOUS_RUN_FILES if (self.run_dir / p).exists()]
@@ -312,13 +378,15 @@ class Trainer:
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", **(
                 {"eval": f"{row['eval_accuracy']:.3f}"} if "eval_accuracy" in row else {}))
             if it % cfg.save_every == 0 or it == last:
-                self.save_checkpoint()
+                self.save_checkpoint()  # (rank 0 writes; under FSDP every rank gathers the weights)
         if self.iteration == cfg.iterations:
-            from engine.rl.plots import plot_metrics
+            state = self._full_state_dict()
+            if self.dist.is_main:
+                from engine.rl.plots import plot_metrics
 
-            plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
-            final = self.run_dir / "final"
-            self.policy.save_pretrained(str(final), tokenizer=self.tokenizer)
+                plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
+                final = self.run_dir / "final"
+                self.policy.save_pretrained(str(final), tokenizer=self.tokenizer, state_dict=state)
         if self._tb is not None:
             self._tb.close()
         return row
@@ -328,6 +396,27 @@ class Trainer:
         rng = random.Random(f"prompts-{self.cfg.seed}-{iteration}")
         n = self.prompts_per_iteration
         return rng.sample(self.train_items, n) if n <= len(self.train_items) else rng.choices(self.train_items, k=n)
+
+    def _iteration_seed(self, purpose: str) -> int:
+        """The seed of this iteration's sampling ("sample") or MC rollouts ("mc"), from the run seed."""
+        salt = {"sample": 0x5A3D, "mc": 0x3C7F}[purpose]
+        return mix_seed(mix_seed(self.cfg.seed, salt), self.iteration)
+
+    def _sum(self, values) -> float:
+        """Sum of this rank's `values` over all ranks."""
+        return self.dist.all_reduce_sum([float(sum(values))])[0]
+
+    def _gather_episodes(self, episodes: list[Episode], with_advantages: bool = False) -> dict[str, list]:
+        """Per-episode metrics inputs of every rank, concatenated in global episode order."""
+        local = {"reward": [e.reward for e in episodes], "num_tokens": [e.num_tokens for e in episodes],
+                 "finish_reason": [e.finish_reason for e in episodes]}
+        if with_advantages:
+            local["advantages"] = torch.cat([e.advantages for e in episodes])
+        parts = self.dist.all_gather_object(local)
+        out = {k: [x for p in parts for x in p[k]] for k in local if k != "advantages"}
+        if with_advantages:
+            out["advantages"] = torch.cat([p["advantages"] for p in parts])
+        return out
 
     def train_iteration(self) -> dict:
         cfg, row = self.cfg, {"iteration": self.iteration}
@@ -339,11 +428,21 @@ class Trainer:
         self.engine.stats.reset()
         params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, stop=self.stop)
-        episodes = sample_episodes(self.engine, self.task, self._items_for(self.iteration), params,
-                                   self.progress and "sampling")
+        # This rank's contiguous share of the prompts; each prompt seeded by (seed, iteration, its
+        # global index), so its samples are the same whatever the world size and batch.
+        items = self._items_for(self.iteration)
+        lo, hi = self.dist.shard(len(items))
+        base = self._iteration_seed("sample")
+        # (FSDP: the whole parameters from sampling to the end of the MC values, one all-gather)
+        generation = contextlib.ExitStack()
+        generation.enter_context(self._gathered())
+        per_item = [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)] if self.seeded else params
+        episodes = sample_episodes(self.engine, self.task, items[lo:hi], per_item, self.progress and "sampling",
+                                   first_group=lo)
         times["sample"] = time.perf_counter() - t0
-        row["sample_tokens_per_s"] = sum(e.num_tokens for e in episodes) / times["sample"]
+        row["sample_tokens_per_s"] = self._sum(e.num_tokens for e in episodes) / times["sample"]
         if cfg.algo in ("restem", "dpo+"):
+            generation.close()
             return self._offline_iteration(row, episodes, times)
 
         t0 = time.perf_counter()
@@ -353,16 +452,23 @@ class Trainer:
             row.update(self._capo_advantages(episodes))
         else:
             mc = self._values_and_advantages(episodes)
+        generation.close()
         times["judge" if cfg.algo == "capo" else "values"] = time.perf_counter() - t0
         if mc is not None:
             s = self.engine.stats
-            row.update(mc_states=mc.states, mc_states_requested=mc.states_requested, mc_backfilled=mc.backfilled,
-                       mc_rollouts=mc.rollouts, mc_k_max=mc.k_max_used, mc_rounds=mc.rounds,
-                       mc_truncated_frac=mc.truncated / max(1, mc.rollouts),
-                       value_mean=mc.value_mean, mc_tokens_per_s=mc.rollout_tokens / times["values"],
-                       prefix_cache_hit_rate=s.cached_tokens / max(1, s.cached_tokens + s.prefill_tokens),
-                       mc_prefill_tokens=s.prefill_tokens, mc_cached_tokens=s.cached_tokens,
-                       steps_per_response=float(np.mean([len(e.step_ends) for e in episodes])))
+            # summed over ranks (a state shared by two ranks' episodes counts once per rank)
+            states, requested, backfilled, rollouts, rollout_tokens, truncated, value_sum, cached, prefill, steps = (
+                self.dist.all_reduce_sum([mc.states, mc.states_requested, mc.backfilled, mc.rollouts,
+                                          mc.rollout_tokens, mc.truncated, mc.value_mean * mc.states,
+                                          s.cached_tokens, s.prefill_tokens, sum(len(e.step_ends) for e in episodes)]))
+            k_max_used, rounds = self.dist.all_reduce_max([mc.k_max_used, mc.rounds])
+            row.update(mc_states=int(states), mc_states_requested=int(requested), mc_backfilled=int(backfilled),
+                       mc_rollouts=int(rollouts), mc_k_max=int(k_max_used), mc_rounds=int(rounds),
+                       mc_truncated_frac=truncated / max(1, rollouts),
+                       value_mean=value_sum / max(1, states), mc_tokens_per_s=rollout_tokens / times["values"],
+                       prefix_cache_hit_rate=cached / max(1, cached + prefill),
+                       mc_prefill_tokens=int(prefill), mc_cached_tokens=int(cached),
+                       steps_per_response=steps / (len(episodes) * self.dist.world_size))
 
         t0 = time.perf_counter()
         self._logprobs(episodes)
@@ -374,14 +480,15 @@ class Trainer:
         self.engine.invalidate_cache()  # the weights changed in place: cached KV is stale
 
         update_tokens = update.pop("tokens")
-        rewards = np.array([e.reward for e in episodes])
-        all_adv = torch.cat([e.advantages for e in episodes])
+        every = self._gather_episodes(episodes, with_advantages=True)  # all ranks' episodes, in global order
+        rewards = np.array(every["reward"])
+        all_adv = every["advantages"]
         row.update(
             reward_mean=float(rewards.mean()), train_accuracy=float((rewards == 1.0).mean()),
-            response_length=float(np.mean([e.num_tokens for e in episodes])),
-            truncated_frac=float(np.mean([e.finish_reason == "length" for e in episodes])),
+            response_length=float(np.mean(every["num_tokens"])),
+            truncated_frac=float(np.mean([f == "length" for f in every["finish_reason"]])),
             # stopped without a final answer (cut by length: truncated_frac)
-            unfinished_frac=float(np.mean([e.finish_reason == "unfinished" for e in episodes])),
+            unfinished_frac=float(np.mean([f == "unfinished" for f in every["finish_reason"]])),
             adv_mean=float(all_adv.mean()), adv_std=float(all_adv.std()) if all_adv.numel() > 1 else 0.0,
             adv_abs_mean=float(all_adv.abs().mean()), adv_zero_frac=float((all_adv == 0).float().mean()),
             **update,
@@ -393,10 +500,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ RestEM and DPO+
     def _offline_iteration(self, row: dict, episodes: list[Episode], times: dict[str, float]) -> dict:
-        """RestEM or DPO+ on the sampled episodes: build the data, then `epochs` passes over it."""
+        """RestEM or DPO+ on the sampled episodes: build the data, then `epochs` passes over it.
+
+        Data parallel: every rank gathers all ranks' episodes (in global order) and builds the same
+        data; each minibatch's micro-batches are dealt to the ranks in turn and the gradients summed.
+        """
         cfg = self.cfg
         rng = random.Random(f"{cfg.algo}-data-{cfg.seed}-{self.iteration}")
         t0 = time.perf_counter()
+        if self.dist.distributed:
+            episodes = [e for part in self.dist.all_gather_object(episodes) for e in part]
         if cfg.algo == "restem":
             kept = restem_select(episodes, cfg.restem_max_per_prompt, rng)
             row.update(restem_kept=len(kept), restem_kept_frac=len(kept) / len(episodes))
@@ -475,7 +588,9 @@ class Trainer:
                 where = f"iteration {self.iteration}, epoch {epoch}, minibatch {start // cfg.minibatch_size}"
                 self.opt.zero_grad(set_to_none=True)
                 stats: dict[str, float] = {}
-                for micro in _chunks(minibatch, cfg.micro_batch_size):
+                for j, micro in enumerate(_chunks(minibatch, cfg.micro_batch_size)):
+                    if j % self.dist.world_size != self.dist.rank:
+                        continue  # another rank's micro-batch (the normalisers are the whole minibatch's)
                     part = self._restem_backward(micro, minibatch) if cfg.algo == "restem" else \
                         self._dpo_backward(micro, len(minibatch))
                     if not math.isfinite(part["loss"]):
@@ -483,6 +598,13 @@ class Trainer:
                                                f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
                     for k, v in part.items():
                         stats[k] = stats.get(k, 0.0) + v
+                self.dist.all_reduce_grads(list(self.policy.parameters()))
+                if self.dist.distributed:
+                    summed: dict[str, float] = {}
+                    for part in self.dist.all_gather_object(stats):
+                        for k, v in part.items():
+                            summed[k] = summed.get(k, 0.0) + v
+                    stats = summed
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and "
@@ -542,7 +664,7 @@ class Trainer:
             adaptive = AdaptiveK(cfg.k_min, cfg.k_max, cfg.k) if cfg.k_adaptive else None
             stats = mc_values(self.engine, self.task, episodes, k=cfg.k, params=params,
                               max_states=cfg.max_states_per_response, progress=self.progress and "MC values",
-                              adaptive=adaptive)
+                              adaptive=adaptive, seed=self._iteration_seed("mc") if self.seeded else None)
             for ep in episodes:
                 step_adv = adv_lib.vineppo_step_advantages(ep.state_values, ep.reward)
                 ep.advantages = adv_lib.broadcast_steps(step_adv, ep.step_ends)
@@ -651,46 +773,84 @@ class Trainer:
         def add(name: str, value: float) -> None:
             sums[name] = sums.get(name, 0.0) + value
 
+        # The global episode list is every rank's episodes in rank order; this rank's are the
+        # global indices [offset, offset + len(episodes)). Every rank walks the same shuffled order.
+        self._local_episodes = episodes
+        lengths_by_rank = self.dist.all_gather_object([e.num_tokens for e in episodes])
+        lengths = [n for part in lengths_by_rank for n in part]
+        offset = sum(len(part) for part in lengths_by_rank[: self.dist.rank])
         bar = tqdm(total=self.steps_per_iteration, desc="update", leave=False, disable=not self.progress)
         for epoch in range(cfg.epochs):
-            order = list(range(len(episodes)))
+            order = list(range(len(lengths)))
             rng.shuffle(order)
             for mb_start in range(0, len(order), cfg.minibatch_size):
-                minibatch = [episodes[i] for i in order[mb_start: mb_start + cfg.minibatch_size]]
-                stats = self._minibatch_step(minibatch, epoch, mb_start // cfg.minibatch_size)
+                ids = order[mb_start: mb_start + cfg.minibatch_size]
+                minibatch = [episodes[i - offset] for i in ids if offset <= i < offset + len(episodes)]
+                stats = self._minibatch_step(minibatch, epoch, mb_start // cfg.minibatch_size,
+                                             num_tokens=sum(lengths[i] for i in ids), num_seqs=len(ids))
                 for k, v in stats.items():
                     add(k, v)
                 count += 1
                 bar.update()
         bar.close()
+        self._local_episodes = []
         self.policy.eval()
         if self.critic is not None:
             self.critic.eval()
         out = {k: v / count for k, v in sums.items()}
-        out["tokens"] = sum(e.num_tokens for e in episodes)
-        out["entropy"] = float(torch.cat([e.entropy for e in episodes]).mean())
+        out["tokens"] = sum(lengths)
+        gathered = self.dist.all_gather_object(
+            {"entropy": torch.cat([e.entropy for e in episodes]),
+             "old": torch.cat([e.old_logprobs for e in episodes]) if self.ref is not None else None,
+             "ref": torch.cat([e.ref_logprobs for e in episodes]) if self.ref is not None else None})
+        out["entropy"] = float(torch.cat([g["entropy"] for g in gathered]).mean())
         if self.ref is not None:
-            lp = torch.cat([e.old_logprobs for e in episodes])
-            ref = torch.cat([e.ref_logprobs for e in episodes])
+            lp = torch.cat([g["old"] for g in gathered])
+            ref = torch.cat([g["ref"] for g in gathered])
             d = ref - lp
             out["kl_ref"] = float((torch.exp(d) - d - 1).mean())  # k3 on the sampled tokens, before the update
         return out
 
-    def _minibatch_step(self, minibatch: list[Episode], epoch: int, index: int) -> dict[str, float]:
+    def _whiten(self, minibatch: list[Episode]) -> dict[int, torch.Tensor]:
+        """Advantages whitened over every token of the (global) minibatch, as adv_lib.whiten:
+        (x - mean) / sqrt(unbiased var + 1e-8), the mean and variance summed over ranks (float64)."""
+        flat = torch.cat([e.advantages for e in minibatch]) if minibatch else torch.zeros(0)
+        if not self.dist.distributed:  # one process: the minibatch is all here
+            white = adv_lib.whiten(flat, torch.ones_like(flat, dtype=torch.bool))
+            return {id(e): a for e, a in zip(minibatch, white.split([e.num_tokens for e in minibatch]))}
+        x = flat.double()
+        n, total = self.dist.all_reduce_sum([x.numel(), float(x.sum())])
+        if n == 0:
+            return {id(e): torch.zeros_like(e.advantages) for e in minibatch}
+        mean = total / n
+        (squares,) = self.dist.all_reduce_sum([float((x - mean).square().sum())])
+        var = squares / (n - 1) if n > 1 else 0.0
+        white = ((x - mean) * (var + 1e-8) ** -0.5).to(flat.dtype)
+        return {id(e): a for e, a in zip(minibatch, white.split([e.num_tokens for e in minibatch]))}
+
+    def _minibatch_step(self, minibatch: list[Episode], epoch: int, index: int, *, num_tokens: int | None = None,
+                        num_seqs: int | None = None) -> dict[str, float]:
+        """One optimizer step on a global minibatch, of which `minibatch` is this rank's part (maybe
+        empty); num_tokens / num_seqs are the global minibatch's counts (default: this part's)."""
         cfg = self.cfg
         where = f"iteration {self.iteration}, epoch {epoch}, minibatch {index}"
-        adv = {id(e): e.advantages for e in minibatch}
-        if cfg.whiten:
-            flat = torch.cat([e.advantages for e in minibatch])
-            white = adv_lib.whiten(flat, torch.ones_like(flat, dtype=torch.bool))
-            adv = {id(e): a for e, a in zip(minibatch, white.split([e.num_tokens for e in minibatch]))}
-        num_tokens = sum(e.num_tokens for e in minibatch)
-        num_seqs = len(minibatch)
+        adv = self._whiten(minibatch) if cfg.whiten else {id(e): e.advantages for e in minibatch}
+        num_tokens = sum(e.num_tokens for e in minibatch) if num_tokens is None else num_tokens
+        num_seqs = len(minibatch) if num_seqs is None else num_seqs
         self.opt.zero_grad(set_to_none=True)
         if self.critic is not None:
             self.critic_opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for micro in _chunks(minibatch, cfg.micro_batch_size):
+        micros = list(_chunks(minibatch, cfg.micro_batch_size))
+        if self._fsdp and not micros:
+            # FSDP syncs gradients in a backward that every rank must join: without an episode
+            # in this minibatch, this rank backpropagates one of its episodes with weight 0.
+            self._fsdp_zero_backward()
+        for j, micro in enumerate(micros):
+            if self._fsdp:
+                from engine.rl.fsdp import set_sync
+
+                set_sync(self._fsdp, last=j == len(micros) - 1)
             packed = Packed.build(micro, self.device)
             mask = packed.mask()
             pad = lambda xs: packed.pad(torch.cat(xs).to(self.device))  # noqa: E731
@@ -712,6 +872,8 @@ class Trainer:
                 # VinePPO's guard: far off-policy, its policy gradient would be noise. Drop the
                 # graph now, before the critic's pass, so the two never hold activations together.
                 totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
+                if self._fsdp:  # (FSDP: every backward of the schedule runs; this one adds zero)
+                    (loss * 0.0).backward()
                 del loss, out, lp, ent
             else:
                 loss.backward()
@@ -725,7 +887,21 @@ class Trainer:
                         totals[k] = totals.get(k, 0.0) + v * share
             if self.critic is not None:  # the critic trains on every micro-batch, skipped or not, as in the reference
                 totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
+        # Sum over ranks: every rank now holds the gradient of the whole minibatch, and the statistics
+        # (already divided by the global counts) add up as the micro-batches' do (ratio_max: the max).
+        if not self._fsdp:  # (FSDP has reduce-scattered the sums in the last backward)
+            self.dist.all_reduce_grads(list(self.policy.parameters()))
+        if self.critic is not None:
+            self.dist.all_reduce_grads(list(self.critic.parameters()))
+        if self.dist.distributed:
+            parts = self.dist.all_gather_object(totals)
+            totals = {}
+            for part in parts:
+                for k, v in part.items():
+                    totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
@@ -741,6 +917,14 @@ class Trainer:
         self.sched.step()
         totals["grad_norm"] = float(grad_norm)
         return totals
+
+    def _fsdp_zero_backward(self) -> None:
+        """A backward that adds zero to every gradient (FSDP's gradient sync needs every rank)."""
+        from engine.rl.fsdp import set_sync
+
+        set_sync(self._fsdp, last=True)
+        packed = Packed.build(self._local_episodes[:1], self.device)
+        (self._token_logprobs(self.policy, packed).sum() * 0.0).backward()
 
     def _critic_backward(self, micro: list[Episode], packed: Packed, num_tokens: int) -> float:
         """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean over the minibatch."""
@@ -791,8 +975,6 @@ class Trainer:
         else validation; none when only train is evaluated) is also eval_accuracy / eval_stderr /
         eval_majority_accuracy, which the plots and the summary read.
         """
-        from engine.evaluate import majority_correct
-
         cfg = self.cfg
         t0 = time.perf_counter()
         self.policy.eval()
@@ -803,16 +985,30 @@ class Trainer:
                                 seed=cfg.seed if cfg.eval_temperature > 0 else None)
         out: dict[str, float] = {}
         held_out = next((x for x in ("test", "validation") if x in self.eval_sets), None)
+        with self._gathered():
+            self._evaluate_splits(splits, params, held_out, out)
+        out["time_eval"] = round(time.perf_counter() - t0, 3)
+        return out
+
+    def _evaluate_splits(self, splits, params: SamplingParams, held_out: str | None, out: dict) -> None:
+        from engine.evaluate import majority_correct
+
+        cfg = self.cfg
         for split, items in self.eval_sets.items():
             if splits is not None and split not in splits:
                 continue
-            outs = self.engine.generate([self.task.prompt(it) for it in items], params.per_prompt(len(items)),
-                                        progress=self.progress and f"evaluation ({split})")
-            item_means, majority = [], []
-            for it, cs in zip(items, outs):
+            # This rank's contiguous share of the items, with the seeds they have in one process;
+            # the per-item results are gathered, so every rank computes the same metrics.
+            lo, hi = self.dist.shard(len(items))
+            outs = self.engine.generate([self.task.prompt(it) for it in items[lo:hi]],
+                                        params.per_prompt(len(items))[lo:hi],
+                                        progress=self.progress and f"evaluation ({split})") if hi > lo else []
+            local = []
+            for it, cs in zip(items[lo:hi], outs):
                 rewards = [self.task.reward(c.text, it, c.finish_reason) for c in cs]
-                item_means.append(float(np.mean(rewards)))
-                majority.append(majority_correct(self.task, it, [c.text for c in cs]))
+                local.append((float(np.mean(rewards)), majority_correct(self.task, it, [c.text for c in cs])))
+            every = [x for part in self.dist.all_gather_object(local) for x in part]
+            item_means, majority = [m for m, _ in every], [v for _, v in every]
             means = np.array(item_means)
             # Standard error over items (the samples of one item are not independent of each other).
             stderr = float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else 0.0
@@ -823,12 +1019,13 @@ class Trainer:
                 out[f"eval_{split}_{k}"] = v
                 if split == held_out:
                     out[f"eval_{k}"] = v
-        out["time_eval"] = round(time.perf_counter() - t0, 3)
-        return out
 
     # ------------------------------------------------------------------ logging
     def _log(self, row: dict) -> dict:
         row = {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v) for k, v in row.items()}
+        row["world_size"] = self.dist.world_size
+        if not self.dist.is_main:  # every rank has the same row; rank 0 writes it
+            return row
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
@@ -838,15 +1035,36 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the policy's whole weights (collective: every rank calls it); else None
+        (save_pretrained reads the module)."""
+        if not self._fsdp:
+            return None
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.policy.state_dict().items()}
+
     def save_checkpoint(self) -> Path:
-        """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune."""
+        """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune.
+        Every rank calls it (FSDP gathers the weights); rank 0 writes."""
         root = self.run_dir / "checkpoints"
         path = root / f"iter_{self.iteration:06d}"
         tmp = root / f".tmp_iter_{self.iteration:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer)
-        state = {"iteration": self.iteration, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "rng": _rng_state()}
+        full = self._full_state_dict()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
+        if self._fsdp:  # every rank writes its shards of the optimizer state before rank 0 publishes the folder
+            from engine.rl.fsdp import local_optimizer_state
+
+            self.dist.barrier()
+            torch.save({"optimizer": local_optimizer_state(self.opt)}, tmp / f"optimizer_rank{self.dist.rank}.pt")
+            self.dist.barrier()
+        if not self.dist.is_main:
+            return path
+        state = {"iteration": self.iteration, "scheduler": self.sched.state_dict(), "rng": _rng_state()}
+        if self._fsdp:
+            state["fsdp_world_size"] = self.dist.world_size
+        else:
+            state["optimizer"] = self.opt.state_dict()
         if self.critic is not None:
             self.critic.body.save_pretrained(str(tmp / "critic"))
             from safetensors.torch import save_file
@@ -867,13 +1085,26 @@ class Trainer:
         if not pointer.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint in {root}")
         path = root / pointer.read_text().strip()
-        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
-        with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
-            for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
-                p.copy_(q)
         # weights_only: plain tensors and containers, no code runs from the file.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        self.opt.load_state_dict(state["optimizer"])
+        written = state.get("fsdp_world_size")
+        here = self.dist.world_size if self._fsdp else None
+        if written != here:
+            raise ConfigError(f"cannot resume {path}: it was written with "
+                              f"{f'parallel fsdp on {written} ranks' if written else 'whole optimizer state'}, and "
+                              f"this run is {f'parallel fsdp on {here} ranks' if here else 'not sharded'}")
+        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
+        if self._fsdp:  # each rank copies its rows of the weights into its shards
+            from engine.rl.fsdp import load_full_weights, load_local_optimizer_state
+
+            load_full_weights(self.policy, loaded)
+            load_local_optimizer_state(self.opt, torch.load(path / f"optimizer_rank{self.dist.rank}.pt",
+                                                            map_location="cpu", weights_only=True)["optimizer"])
+        else:
+            with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
+                for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
+                    p.copy_(q)
+            self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.critic is not None:
             body, _ = load_model(path / "critic", dtype=self.dtype, device=self.device)
@@ -884,7 +1115,7 @@ class Trainer:
             self.critic_sched.load_state_dict(state["critic_scheduler"])
         _set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
-        if self.metrics_path.exists():  # drop rows written after the checkpoint (an interrupted iteration)
+        if self.metrics_path.exists() and self.dist.is_main:  # drop rows written after the checkpoint (an interrupted iteration)
             rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iteration"] <= self.iteration))
         self.engine.invalidate_cache()

@@ -400,8 +400,18 @@ class Engine:
         `.data` writes do not, but they change the elements, which the second part sees.
         """
         params = list(self.model.parameters())
-        firsts = torch.stack([p.detach().reshape(-1)[0].float() for p in params]).cpu()
+        firsts = torch.cat([_first_element(p) for p in params]).cpu()
         return sum(p._version for p in params), firsts
+
+
+def _first_element(p: torch.Tensor) -> torch.Tensor:
+    """[1] float: the first element of `p`; of its local shard when `p` is a DTensor (an FSDP
+    parameter at rest; the trainer gathers it before generating), 0 for an empty shard."""
+    t = p.detach()
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    t = t.reshape(-1)[:1].float()
+    return t if t.numel() else t.new_zeros(1)
 
 
 LM_HEAD_CHUNK = 16384  # vocabulary rows per fp32 chunk in lm_head_logits' fallback

@@ -1,0 +1,246 @@
+"""Data-parallel training (torchrun, gloo on CPU; --parallel ddp and fsdp): the same weights and
+rewards as one process,
+a failing rank ends the job, a bad world size is an error before any work; and the pieces
+(the single-process Dist, shards, seeded MC values) in process.
+
+The torchrun runs use the FAST settings of test_trainer.py as flags and the ENGINE_TEST_REWARD
+hook (reward 1 for any digit), so the random tiny model earns rewards and really updates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.rl.distributed import Dist, init_from_env
+
+pytestmark = pytest.mark.distributed
+
+FLAGS = [
+    "--preset", "smoke", "--iterations", "2", "--prompts-per-iteration", "4", "--samples-per-prompt", "2",
+    "--max-new-tokens", "12", "--k", "2", "--epochs", "2", "--minibatch-size", "4", "--micro-batch-size", "2",
+    "--lr", "1e-3", "--warmup-ratio", "0", "--eval-every", "1", "--save-every", "1",
+    "--tiny-model-args", "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+                         "num_key_value_heads: 1, head_dim: 16}",
+    "--task-args", "{steps: 1, max_operand: 9, n_test: 16, n_train: 64}",
+    "--sft-steps", "0", "--eval-items", "4", "--tensorboard", "false", "--kv-cache-tokens", "4096", "--quiet",
+    "--dist-timeout-s", "30",
+    "--seeded-sampling", "true",  # (auto = on under torchrun only): one process samples what the ranks sample
+]
+REWARD_KEYS = ("reward_mean", "train_accuracy", "response_length", "truncated_frac", "unfinished_frac",
+               "adv_mean", "adv_std", "adv_zero_frac", "eval_accuracy", "mc_states_requested", "mc_rollouts",
+               "value_mean", "dpo_pairs")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(run_dir: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 240):
+    """`python -m engine.train` (nproc 1) or torchrun with `nproc` ranks; the CompletedProcess."""
+    cmd = [sys.executable, "-m", "engine.train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_TEST_REWARD": "digit", **(env or {})}
+    full_env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd + FLAGS + ["--run-dir", str(run_dir), *extra], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run_dir / "final").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    assert out, f"no weights in {run_dir / 'final'}"
+    return out
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of each algorithm (shared by the tests that compare against it)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(algo: str, *extra: str) -> Path:
+        key = (algo, *extra)
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp(f"one-{algo}") / "run"
+            out = _launch(run_dir, "--algo", algo, *extra, nproc=1)
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs[key] = run_dir
+        return runs[key]
+    return get
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    """Final weights within 1e-4 (fp32) and the same reward metrics, iteration by iteration."""
+    from safetensors.torch import load_file
+
+    a, b = _weights(one), _weights(two)
+    init = {}
+    for f in sorted((one / "init").glob("*.safetensors")):
+        init.update(load_file(str(f)))
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # it trained
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    ra, rb = _rows(one), _rows(two)
+    assert [r["iteration"] for r in rb] == [r["iteration"] for r in ra] == [0, 1, 2]
+    assert {r["world_size"] for r in ra} == {1} and rb[-1]["world_size"] == 2
+    for x, y in zip(ra, rb):
+        assert set(x) == set(y), set(x) ^ set(y)
+        for key in REWARD_KEYS:
+            assert (key in x) == (key in y), key
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-9, abs=1e-9), (x["iteration"], key)
+    assert rb[1]["reward_mean"] > 0  # the runs had rewards to learn from
+
+
+# Minibatches of 2 episodes (micro-batches of 1): some hold only one rank's episodes.
+SMALL = ("--minibatch-size", "2", "--micro-batch-size", "1")
+
+
+@pytest.mark.parametrize("algo, extra", [("vineppo", ()), ("grpo", SMALL)])
+def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, algo, extra, one_process):
+    two = _launch(tmp_path / "two", "--algo", algo, *extra)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    _assert_same_run(one_process(algo, *extra), tmp_path / "two")
+    # rank 0 alone wrote the run directory, as one process does
+    assert (tmp_path / "two" / "checkpoints" / "latest").read_text() == "iter_000002"
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["iterations_done"] == 2
+
+
+def test_fsdp_trains_and_resumes_to_the_same_weights_as_one_process(tmp_path, one_process):
+    # --parallel fsdp: parameters, gradients and optimizer state sharded with FSDP2 (fully_shard).
+    # A rank without an episode in a minibatch joins the gradient sync with a zero-weighted backward. Stopped after iteration 1 and resumed: each
+    # rank reloads its shards of the weights and of the optimizer state.
+    fsdp = ("--algo", "grpo", "--parallel", "fsdp", *SMALL)
+    first = _launch(tmp_path / "two", *fsdp, "--stop-after", "1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "iter_000001").glob("optimizer_rank*.pt")) == [
+        "optimizer_rank0.pt", "optimizer_rank1.pt"]
+    resumed = _launch(tmp_path / "two", *fsdp, "--resume", "--stop-after", "null")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    _assert_same_run(one_process("grpo", *SMALL), tmp_path / "two")
+
+
+def test_fsdp_refuses_what_it_does_not_support_before_any_work(tmp_path):
+    out = _launch(tmp_path / "run", "--algo", "ppo", "--parallel", "fsdp", timeout=120)
+    assert out.returncode != 0
+    assert "parallel fsdp supports algo vineppo, grpo, rloo so far, not ppo" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_under_torchrun_with_another_world_size(tmp_path, one_process):
+    # Every rank holds the same state, so every rank resumes from the one checkpoint, whichever
+    # world size wrote it: here one process runs iteration 1, two ranks run iteration 2.
+    first = _launch(tmp_path / "two", "--stop-after", "1", nproc=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [r["iteration"] for r in _rows(tmp_path / "two")] == [0, 1]
+    resumed = _launch(tmp_path / "two", "--resume", "--stop-after", "null")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    _assert_same_run(one_process("vineppo"), tmp_path / "two")
+
+
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    # Rank 1's grader raises (in the iteration-0 evaluation): rank 1 exits, rank 0 fails in its
+    # next collective (within --dist-timeout-s 30) or is stopped by torchrun; no hang (timeout).
+    out = _launch(tmp_path / "run", env={"ENGINE_TEST_FAIL_RANK": "1"}, timeout=120)
+    assert out.returncode != 0
+    assert "error (rank 1 of 2): injected grader failure on rank 1" in out.stderr
+
+
+def test_a_world_size_that_does_not_divide_the_prompts_is_an_error_before_any_work(tmp_path):
+    out = _launch(tmp_path / "run", "--prompts-per-iteration", "3", "--minibatch-size", "6", timeout=120)
+    assert out.returncode != 0
+    assert "prompts_per_iteration 3 is not divisible by the world size 2" in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+# ---------------------------------------------------------------- in process
+
+def test_single_process_dist_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = init_from_env(5)
+    assert d == Dist() and d.is_main and not d.distributed and d.world_size == 1
+    t = torch.tensor([1.0, 2.0])
+    assert d.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert d.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    assert d.all_reduce_max([3, 1]) == [3.0, 1.0]
+    assert d.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert d.broadcast_object("x") == "x"
+    d.barrier()
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    d.all_reduce_grads([p])
+    assert p.grad.tolist() == [3.0, 3.0]
+    assert d.device(torch.device("cpu")) == torch.device("cpu")
+    assert d.shard(7) == (0, 7)
+
+
+def test_shards_cover_the_items_in_order():
+    for world in (1, 2, 3, 4):
+        for count in (0, 1, 5, 8):
+            bounds = [Dist(rank=r, world_size=world).shard(count) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_data_parallel_config_errors(tmp_path):
+    from engine.rl.config import ConfigError, load_config
+
+    assert load_config("smoke", {"parallel": "fsdp"}).parallel == "fsdp"  # (what it supports: checked by the trainer)
+    with pytest.raises(ConfigError, match="parallel must be ddp or fsdp"):
+        load_config("smoke", {"parallel": "zero"})
+    with pytest.raises(ConfigError, match="dist_timeout_s must be an integer >= 1"):
+        load_config("smoke", {"dist_timeout_s": 0})
+
+
+def test_seeded_mc_values_do_not_depend_on_the_other_states(tmp_path):
+    """What lets ranks estimate their own episodes' values: with a seed, a state's rollouts are
+    the same alone or batched with other episodes' states."""
+    from engine.model import create_tiny_checkpoint, load_model
+    from engine.rl.rollout import mc_values, sample_episodes
+    from engine.rl.steps import step_token_ends
+    from engine.runtime import Engine, SamplingParams
+    from engine.tasks import ArithmeticTask
+
+    class DigitTask(ArithmeticTask):
+        def reward(self, response, item, finish_reason="stop"):
+            return float(any(c.isdigit() for c in response))
+
+    create_tiny_checkpoint(tmp_path / "m", seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model, tok = load_model(tmp_path / "m")
+    task = DigitTask(steps=1, max_operand=5, n_test=4, n_train=8)
+    items = task.items("train")[:4]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=7)
+
+    def values(subset: list[int]) -> list[list[float]]:
+        engine = Engine(model, tok, page_size=4, kv_cache_tokens=4096)
+        eps = sample_episodes(engine, task, [items[i] for i in subset],
+                              [replace(params, seed=100 + i) for i in subset])
+        for ep in eps:
+            ep.step_ends = step_token_ends(ep.response_ids, tok, chunk_tokens=3)
+        mc_values(engine, task, eps, k=3, params=SamplingParams(temperature=1.0, max_new_tokens=8), seed=11)
+        return [ep.state_values for ep in eps]
+
+    together = values([0, 1, 2, 3])
+    apart = values([0, 1]) + values([2, 3])
+    assert together == apart
+    assert any(0 < v < 1 for vs in together for v in vs)  # not all trivially equal
