@@ -97,7 +97,8 @@ class TrainConfig:
     capo_voting: str = "intersection"  # intersection | majority | union
     capo_judge_temperature: float = 0.7
     capo_judge_top_p: float = 1.0
-    capo_judge_max_new_tokens: int = 256
+    capo_judge_max_new_tokens: int = 512  # a critique cut before its verdict line abstains
+    capo_judge_chat: str | bool = "auto"  # the prompt as a chat user turn: auto = when the judge's tokenizer has a template
     capo_show_answer: bool = True      # put the gold final answer in the judge's prompt (the paper does)
     capo_w_whole: float = 2.0          # weight of the 0/1 outcome reward
     capo_w_process: float = 1.0        # penalty per token of a flagged step
@@ -328,6 +329,8 @@ class TrainConfig:
                 or self.capo_judge_max_new_tokens < 1):
             raise ConfigError(f"capo_judge_max_new_tokens must be an integer >= 1, got "
                               f"{self.capo_judge_max_new_tokens!r}")
+        if self.capo_judge_chat not in ("auto", True, False):
+            raise ConfigError(f"capo_judge_chat must be auto, true or false, got {self.capo_judge_chat!r}")
         if not isinstance(self.capo_show_answer, bool):
             raise ConfigError(f"capo_show_answer must be true or false, got {self.capo_show_answer!r}")
         if self.algo == "capo" and self.judge == "model" and self.judge_model is not None:

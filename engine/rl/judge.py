@@ -62,14 +62,23 @@ class ModelJudge:
     """
 
     def __init__(self, engine: Engine, *, votes: int, temperature: float, top_p: float, max_new_tokens: int,
-                 show_answer: bool, progress: bool = False):
+                 show_answer: bool, chat: bool | str = "auto", progress: bool = False):
         if engine.tokenizer is None:
             raise ValueError("the judge's Engine needs a tokenizer: it reads and writes text")
         self.engine, self.votes, self.show_answer, self.progress = engine, votes, show_answer, progress
+        has_template = bool(getattr(engine.tokenizer, "chat_template", None))
+        if chat is True and not has_template:
+            raise ValueError("capo_judge_chat is true but the judge's tokenizer has no chat template")
+        # An instruct judge reads its prompt as a user turn; a base model reads the plain text.
+        self.chat = has_template if chat == "auto" else bool(chat)
         self.params = SamplingParams(n=votes, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
 
     def prompt(self, request: JudgeRequest) -> str:
-        return critique_prompt(request.question, request.steps, request.answer if self.show_answer else None)
+        text = critique_prompt(request.question, request.steps, request.answer if self.show_answer else None)
+        if not self.chat:
+            return text
+        return self.engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                         add_generation_prompt=True)
 
     def critique(self, requests: Sequence[JudgeRequest]) -> JudgeResult:
         t0 = time.perf_counter()

@@ -345,7 +345,7 @@ class Trainer:
                         kv_memory_fraction=cfg.kv_memory_fraction)
         return ModelJudge(engine, votes=cfg.capo_votes, temperature=cfg.capo_judge_temperature,
                           top_p=cfg.capo_judge_top_p, max_new_tokens=cfg.capo_judge_max_new_tokens,
-                          show_answer=cfg.capo_show_answer, progress=self.progress)
+                          show_answer=cfg.capo_show_answer, chat=cfg.capo_judge_chat, progress=self.progress)
 
     def _frozen_copy(self, path: Path) -> Transformer:
         ref, _ = load_model(path, dtype=self.dtype, device="cpu" if self.cfg.ref_offload else self.device)

@@ -146,3 +146,20 @@ def test_the_rule_judge_needs_the_arithmetic_task(tmp_path):
 
     with pytest.raises(ConfigError, match="the rule judge checks the arithmetic task's lines"):
         load_config("default", {"algo": "capo", "judge": "rule", "task": "gsm8k", "task_args": {}})
+
+
+def test_an_instruct_judge_reads_its_prompt_as_a_chat_turn(tmp_path):
+    trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4))
+    judge = trainer.judge
+    request = JudgeRequest("Compute 1+2.", ["1+2=3\n", "#### 3"], "3")
+    assert not judge.chat and judge.prompt(request).startswith("You are checking")  # no template: plain text
+    judge.engine.tokenizer.chat_template = "{% for m in messages %}[U]{{ m['content'] }}{% endfor %}[A]"
+    chat = ModelJudge(judge.engine, votes=2, temperature=1.0, top_p=1.0, max_new_tokens=4, show_answer=True)
+    assert chat.chat and chat.prompt(request) == "[U]" + judge.prompt(request) + "[A]"
+    assert len(chat.critique([request]).critiques[0]) == 2  # and the Engine serves it
+    plain = ModelJudge(judge.engine, votes=1, temperature=1.0, top_p=1.0, max_new_tokens=4, show_answer=True,
+                       chat=False)
+    assert plain.prompt(request) == judge.prompt(request)
+    judge.engine.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="capo_judge_chat is true but the judge's tokenizer has no chat template"):
+        ModelJudge(judge.engine, votes=1, temperature=1.0, top_p=1.0, max_new_tokens=4, show_answer=True, chat=True)
