@@ -70,19 +70,18 @@ class Dist:
                     tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
                     x.copy_(y)
             return x
-        values = [float(v) for v in x]
-        if not self.distributed or not values:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-        return t.cpu().tolist()
+        return self._reduce_floats(x, tdist.ReduceOp.SUM)
 
     def all_reduce_max(self, values: Sequence[float]) -> list[float]:
+        return self._reduce_floats(values, tdist.ReduceOp.MAX)
+
+    def _reduce_floats(self, values: Sequence[float], op) -> list[float]:
+        """Element-wise `op` of a list of numbers over the ranks (float64 on the wire)."""
         values = [float(v) for v in values]
         if not self.distributed or not values:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        tdist.all_reduce(t, op=op)
         return t.cpu().tolist()
 
     def all_gather_object(self, obj: Any) -> list[Any]:

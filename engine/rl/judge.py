@@ -82,16 +82,16 @@ class ModelJudge:
 
     def critique(self, requests: Sequence[JudgeRequest]) -> JudgeResult:
         t0 = time.perf_counter()
-        prompts = [self.prompt(r) for r in requests]
+        tokenizer = self.engine.tokenizer
+        prompts = [tokenizer.encode(self.prompt(r)) for r in requests]  # (the Engine takes the ids as they are)
         self.engine.stats.reset()
         outs = self.engine.generate(prompts, self.params, progress=self.progress and "judge")
         texts = [[c.text for c in cs] for cs in outs]
         critiques = [[parse_critique(t, len(r.steps)) for t in ts] for r, ts in zip(requests, texts)]
-        tokenizer = self.engine.tokenizer
         return JudgeResult(
             critiques,
             generated_tokens=sum(len(c.token_ids) for cs in outs for c in cs),
-            prompt_tokens=sum(len(tokenizer.encode(p)) for p in prompts),
+            prompt_tokens=sum(len(p) for p in prompts),
             prefill_tokens=self.engine.stats.prefill_tokens,
             cached_tokens=self.engine.stats.cached_tokens,
             forked_sequences=self.engine.stats.forked_sequences,

@@ -26,6 +26,17 @@ PANELS = [
 ]
 
 
+def _save(fig, out: str | Path) -> Path:
+    """Lay out, write and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
@@ -69,10 +80,7 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str = "") -> Path:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    out = _save(fig, out)
     return out
 
 
@@ -97,10 +105,7 @@ def plot_comparison(runs: Sequence[str | Path], out: str | Path, labels: Sequenc
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    out = _save(fig, out)
     return out
 
 
@@ -175,10 +180,7 @@ def plot_groups(groups: Mapping[str, Sequence[str | Path]], out: str | Path, key
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    out = _save(fig, out)
     out.with_suffix(".json").write_text(json.dumps(agg, indent=2) + "\n")
     return out
 

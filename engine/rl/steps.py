@@ -438,7 +438,11 @@ def step_token_ends(token_ids: Sequence[int], tokenizer, style: StepStyle | None
         raise ValueError(f"step style must be one of {STEP_STYLES}; got {style!r}")
     if not ids:
         return []
-    starts, text = _starts_and_text(tokenizer, ids)
+    return _token_ends(*_starts_and_text(tokenizer, ids), style)
+
+
+def _token_ends(starts: list[int], text: str, style: StepStyle) -> list[int]:
+    """step_token_ends from the tokens' character starts and the decoded text."""
     char_ends = split_steps(text, style)
     ends: list[int] = []
     current = bisect.bisect_right(char_ends, starts[0])  # the step holding character starts[0]
@@ -451,7 +455,7 @@ def step_token_ends(token_ids: Sequence[int], tokenizer, style: StepStyle | None
         if step != current:
             ends.append(i)
             current = step
-    ends.append(len(ids))
+    ends.append(len(starts))
     return ends
 
 
@@ -462,10 +466,13 @@ def step_spans(token_ids: Sequence[int], tokenizer, style: StepStyle) -> tuple[l
     The texts are cut from decode(token_ids, skip_special_tokens=True) where each token step
     begins, so they join to that text and a step merged by step_token_ends is one text here too.
     """
-    ends = step_token_ends(token_ids, tokenizer, style)
-    if not ends:
+    if style not in STEP_STYLES:
+        raise ValueError(f"step style must be one of {STEP_STYLES}; got {style!r}")
+    ids = _as_ids(token_ids)
+    if not ids:
         return [], []
-    starts, text = _starts_and_text(tokenizer, _as_ids(token_ids))
+    starts, text = _starts_and_text(tokenizer, ids)
+    ends = _token_ends(starts, text, style)
     cuts = [0, *(starts[e] for e in ends[:-1]), len(text)]
     return [text[a:b] for a, b in zip(cuts, cuts[1:])], ends
 

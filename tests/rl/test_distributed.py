@@ -244,3 +244,19 @@ def test_seeded_mc_values_do_not_depend_on_the_other_states(tmp_path):
     apart = values([0, 1]) + values([2, 3])
     assert together == apart
     assert any(0 < v < 1 for vs in together for v in vs)  # not all trivially equal
+
+
+def test_seeded_sampling_is_on_under_torchrun_only_unless_asked(tmp_path):
+    """auto: one process samples from torch's generator (as before data parallelism), ranks seed."""
+    from engine.rl.config import ConfigError, load_config
+    from engine.rl.trainer import Trainer
+
+    def trainer(dist, **kw):
+        cfg = load_config("smoke", {"run_dir": str(tmp_path / f"r{len(kw)}{dist.world_size}"), "sft_steps": 0,
+                                    "tensorboard": False, "kv_cache_tokens": 4096, **kw})
+        return Trainer(cfg, progress=False, dist=dist)
+
+    assert trainer(Dist()).seeded is False
+    assert trainer(Dist(), seeded_sampling=True).seeded is True
+    with pytest.raises(ConfigError, match="seeded_sampling must be auto, true or false, got 'yes'"):
+        load_config("smoke", {"seeded_sampling": "yes"})

@@ -12,7 +12,7 @@ from engine.rl.config import ConfigError
 from engine.rl.offline import dpo_pairs, dpop_loss, restem_select
 from engine.rl.rollout import Episode
 from engine.tasks import Item
-from test_trainer import _comparable, fast_config, make_trainer, rows_of  # the helpers of the same folder
+from test_trainer import assert_resume_reproduces, fast_config, make_trainer, rows_of  # the helpers of the same folder
 
 OFFLINE = ("restem", "dpo+")
 
@@ -180,18 +180,7 @@ def test_an_iteration_without_pairs_skips_the_update(tmp_path):
 
 @pytest.mark.parametrize("algo", OFFLINE)
 def test_resume_restem_and_dpo_plus(tmp_path, algo):
-    full = make_trainer(fast_config(tmp_path / "a", algo=algo, iterations=3))
-    full.run()
-    first = make_trainer(fast_config(tmp_path / "b", algo=algo, iterations=3, stop_after=1))
-    first.run()
-    resumed = make_trainer(fast_config(tmp_path / "b", algo=algo, iterations=3), resume=True)
-    assert resumed.iteration == 1
-    resumed.run()
-    a, b = rows_of(full), rows_of(resumed)
-    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
-    assert [_comparable(r) for r in a] == [_comparable(r) for r in b]
-    for p, q in zip(full.policy.parameters(), resumed.policy.parameters()):
-        assert torch.equal(p, q)
+    assert_resume_reproduces(tmp_path, algo=algo)
 
 
 @pytest.mark.parametrize("overrides, message", [

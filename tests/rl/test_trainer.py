@@ -265,12 +265,17 @@ def _comparable(row: dict) -> dict:
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
-    full = make_trainer(fast_config(tmp_path / "a", iterations=3))
+    assert_resume_reproduces(tmp_path)
+
+
+def assert_resume_reproduces(tmp_path, **overrides) -> None:
+    """3 iterations straight vs stopped after 1 and resumed: the same metrics and weights."""
+    full = make_trainer(fast_config(tmp_path / "a", iterations=3, **overrides))
     full.run()
-    first = make_trainer(fast_config(tmp_path / "b", iterations=3, stop_after=1))
+    first = make_trainer(fast_config(tmp_path / "b", iterations=3, stop_after=1, **overrides))
     first.run()
     assert [r["iteration"] for r in rows_of(first)] == [0, 1]
-    resumed = make_trainer(fast_config(tmp_path / "b", iterations=3), resume=True)
+    resumed = make_trainer(fast_config(tmp_path / "b", iterations=3, **overrides), resume=True)
     assert resumed.iteration == 1
     resumed.run()
     a, b = rows_of(full), rows_of(resumed)
