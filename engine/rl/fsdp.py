@@ -18,26 +18,30 @@ How it meets the trainer:
   no episode in a minibatch runs one zero-weighted backward so that every rank joins it;
 * the optimizer (engine.rl.optim.AdamW, elementwise) steps on the local shards (DTensors).
 
-* checkpoints: the HF weights (gathered; rank 0 writes them) plus one `optimizer_rank<r>.pt`
-  per rank with its shards of the optimizer state; --resume (same world size) copies each
-  rank's slice of the weights into its shards and loads its own optimizer file.
+* checkpoints: the HF weights (gathered; rank 0 writes them) for export and evaluation, plus
+  the training state as one torch.distributed.checkpoint folder (`sharded/`: every rank's
+  parameter and optimizer shards, with their global offsets); --resume reads it on any number
+  of ranks (>= 2), each rank just its rows.
 
-Limits (config errors): vineppo, grpo and rloo only (no PPO critic, RestEM, DPO+, CAPO);
-resume only with the world size that wrote the checkpoint. The frozen reference model stays
-whole on every rank.
+Limits (config errors): vineppo, grpo and rloo only (no PPO critic, RestEM, DPO+, CAPO); a
+sharded checkpoint resumes only under parallel fsdp (its optimizer state is per unfused
+matrix). The frozen reference model stays whole on every rank.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from engine.model.fused_linear import unfuse_linears
+from engine.rl.optim import LOW_PRECISION
 
 FSDP_ALGOS = ("vineppo", "grpo", "rloo")
 
@@ -101,24 +105,59 @@ def load_full_weights(model: nn.Module, source: nn.Module) -> None:
             p.copy_(q)
 
 
-def local_optimizer_state(opt: torch.optim.Optimizer) -> dict:
-    """opt.state_dict() with each DTensor replaced by this rank's local shard (plain tensors,
-    which torch.load(weights_only=True) reads back)."""
-    sd = opt.state_dict()
-    sd["state"] = {k: {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in v.items()}
-                   for k, v in sd["state"].items()}
-    return sd
+# ---------------------------------------------------------------- sharded checkpoints (DCP)
+# A checkpoint's training state is one torch.distributed.checkpoint folder: the policy's
+# parameter shards ("model", by name) and the optimizer's state shards ("optimizer", by
+# parameter name). DCP records every shard's global offsets, so the folder loads on any number
+# of ranks: a run saved on 2 ranks resumes on 4 (or 3) and each rank reads just its rows. Every
+# rank writes its own files: across nodes the run directory must be on a shared file system.
+
+def _adamw_keys(p: torch.Tensor) -> set[str]:
+    """The state engine.rl.optim.AdamW keeps for parameter `p`."""
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"compensation"} if p.dtype in LOW_PRECISION else set())
 
 
-def load_local_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
-    """The inverse of local_optimizer_state: load, then wrap each shard as its parameter's DTensor."""
-    opt.load_state_dict(sd)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
-            state = opt.state[p]
-            for name, t in list(state.items()):
-                if torch.is_tensor(t) and not isinstance(t, DTensor) and t.shape == p.to_local().shape and t.dim():
-                    state[name] = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
-                                                     shape=p.shape, stride=p.stride())
+def _optimizer_templates(model: nn.Module, names: list[str]) -> dict[str, dict]:
+    """Empty AdamW state for the parameters in `names`, sharded as the parameters are: what
+    dcp.load fills in place (step is a scalar, the same on every rank)."""
+    params = dict(model.named_parameters())
+    return {name: {key: (torch.zeros((), dtype=torch.float32) if key == "step"
+                         else torch.zeros_like(params[name], dtype=torch.float32))
+                   for key in sorted(_adamw_keys(params[name]))}
+            for name in names}
+
+
+def save_sharded_state(model: nn.Module, opt: torch.optim.Optimizer, folder: Path) -> dict:
+    """Write the parameter and optimizer shards of every rank to `folder` (collective; DCP).
+    Returns what the folder does not hold and loading needs (picklable, small): the optimizer's
+    hyper-parameters and the names of the parameters that have optimizer state."""
+    names = {p: n for n, p in model.named_parameters()}
+    optimizer = {names[p]: dict(opt.state[p]) for g in opt.param_groups for p in g["params"] if opt.state[p]}
+    params = dict(model.named_parameters())
+    for name, state in optimizer.items():
+        if set(state) != _adamw_keys(params[name]):
+            raise RuntimeError(f"optimizer state of {name} has keys {sorted(state)}, not engine.rl.optim.AdamW's "
+                               f"{sorted(_adamw_keys(params[name]))}")
+    dcp.save({"model": {n: p.detach() for n, p in model.named_parameters()}, "optimizer": optimizer},
+             checkpoint_id=str(folder))
+    return {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            "optimizer_params": sorted(optimizer)}
+
+
+@torch.no_grad()
+def load_sharded_state(model: nn.Module, opt: torch.optim.Optimizer, folder: Path, meta: dict) -> None:
+    """The inverse of save_sharded_state, on this run's sharding (any world size): the shards
+    are read into the parameters in place (the Engine keeps reading the same storage) and the
+    optimizer's state is replaced."""
+    optimizer = _optimizer_templates(model, meta["optimizer_params"])
+    dcp.load({"model": {n: p.detach() for n, p in model.named_parameters()}, "optimizer": optimizer},
+             checkpoint_id=str(folder))
+    if len(meta["param_groups"]) != len(opt.param_groups):
+        raise RuntimeError(f"the checkpoint has {len(meta['param_groups'])} optimizer parameter groups, the "
+                           f"optimizer {len(opt.param_groups)}")
+    for group, saved in zip(opt.param_groups, meta["param_groups"]):
+        group.update(saved)
+    params = dict(model.named_parameters())
+    opt.state.clear()
+    for name, state in optimizer.items():
+        opt.state[params[name]] = state

@@ -74,6 +74,7 @@ from engine.tasks import Item, Task, TaskDataError, load_task
 from kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"  # parallel fsdp: the parameter and optimizer shards (torch.distributed.checkpoint)
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
 RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
@@ -1052,17 +1053,18 @@ class Trainer:
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
-        if self._fsdp:  # every rank writes its shards of the optimizer state before rank 0 publishes the folder
-            from engine.rl.fsdp import local_optimizer_state
+        fsdp_meta = None
+        if self._fsdp:  # every rank writes its shards (DCP) before rank 0 publishes the folder
+            from engine.rl.fsdp import save_sharded_state
 
-            self.dist.barrier()
-            torch.save({"optimizer": local_optimizer_state(self.opt)}, tmp / f"optimizer_rank{self.dist.rank}.pt")
+            self.dist.barrier()  # (rank 0 has made tmp/)
+            fsdp_meta = save_sharded_state(self.policy, self.opt, tmp / SHARDED_DIR)
             self.dist.barrier()
         if not self.dist.is_main:
             return path
         state = {"iteration": self.iteration, "scheduler": self.sched.state_dict(), "rng": _rng_state()}
         if self._fsdp:
-            state["fsdp_world_size"] = self.dist.world_size
+            state["fsdp"] = {"world_size": self.dist.world_size, **fsdp_meta}
         else:
             state["optimizer"] = self.opt.state_dict()
         if self.critic is not None:
@@ -1087,20 +1089,20 @@ class Trainer:
         path = root / pointer.read_text().strip()
         # weights_only: plain tensors and containers, no code runs from the file.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        written = state.get("fsdp_world_size")
-        here = self.dist.world_size if self._fsdp else None
-        if written != here:
-            raise ConfigError(f"cannot resume {path}: it was written with "
-                              f"{f'parallel fsdp on {written} ranks' if written else 'whole optimizer state'}, and "
-                              f"this run is {f'parallel fsdp on {here} ranks' if here else 'not sharded'}")
-        loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
-        if self._fsdp:  # each rank copies its rows of the weights into its shards
-            from engine.rl.fsdp import load_full_weights, load_local_optimizer_state
+        written = state.get("fsdp")
+        if bool(written) != bool(self._fsdp):
+            # (FSDP trains the q/k/v and gate/up matrices unfused, so the optimizer state does not
+            # map onto the fused parameters of an unsharded run, nor the other way round)
+            was = f"with parallel fsdp on {written['world_size']} ranks" if written else "without parallel fsdp"
+            now = f"parallel fsdp on {self.dist.world_size} ranks" if self._fsdp else "not sharded"
+            raise ConfigError(f"cannot resume {path}: it was written {was}, and this run is {now}; resume it as "
+                              f"it was written (a sharded run resumes on any number of ranks >= 2)")
+        if self._fsdp:  # each rank reads its rows of the weights and the optimizer state, whatever wrote them
+            from engine.rl.fsdp import load_sharded_state
 
-            load_full_weights(self.policy, loaded)
-            load_local_optimizer_state(self.opt, torch.load(path / f"optimizer_rank{self.dist.rank}.pt",
-                                                            map_location="cpu", weights_only=True)["optimizer"])
+            load_sharded_state(self.policy, self.opt, path / SHARDED_DIR, written)
         else:
+            loaded, _ = load_model(path, dtype=self.dtype, device=self.device)
             with torch.no_grad():  # copy into the existing tensors: the Engine keeps reading the same storage
                 for p, q in zip(self.policy.parameters(), loaded.parameters(), strict=True):
                     p.copy_(q)

@@ -87,7 +87,7 @@ def one_process(tmp_path_factory):
     return get
 
 
-def _assert_same_run(one: Path, two: Path) -> None:
+def _assert_same_run(one: Path, two: Path, world: int = 2) -> None:
     """Final weights within 1e-4 (fp32) and the same reward metrics, iteration by iteration."""
     from safetensors.torch import load_file
 
@@ -100,7 +100,7 @@ def _assert_same_run(one: Path, two: Path) -> None:
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     ra, rb = _rows(one), _rows(two)
     assert [r["iteration"] for r in rb] == [r["iteration"] for r in ra] == [0, 1, 2]
-    assert {r["world_size"] for r in ra} == {1} and rb[-1]["world_size"] == 2
+    assert {r["world_size"] for r in ra} == {1} and rb[-1]["world_size"] == world
     for x, y in zip(ra, rb):
         assert set(x) == set(y), set(x) ^ set(y)
         for key in REWARD_KEYS:
@@ -124,18 +124,24 @@ def test_two_ranks_train_the_same_weights_as_one_process(tmp_path, algo, extra, 
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["iterations_done"] == 2
 
 
-def test_fsdp_trains_and_resumes_to_the_same_weights_as_one_process(tmp_path, one_process):
+def test_fsdp_trains_and_resumes_on_another_world_size_to_the_same_weights_as_one_process(tmp_path, one_process):
     # --parallel fsdp: parameters, gradients and optimizer state sharded with FSDP2 (fully_shard).
-    # A rank without an episode in a minibatch joins the gradient sync with a zero-weighted backward. Stopped after iteration 1 and resumed: each
-    # rank reloads its shards of the weights and of the optimizer state.
-    fsdp = ("--algo", "grpo", "--parallel", "fsdp", *SMALL)
+    # A rank without an episode in a minibatch joins the gradient sync with a zero-weighted
+    # backward. Stopped after iteration 1 on 2 ranks and resumed on 3: the checkpoint's training
+    # state is one torch.distributed.checkpoint folder, which each of the 3 ranks reads its rows of.
+    fsdp = ("--algo", "grpo", "--parallel", "fsdp", *SMALL, "--prompts-per-iteration", "6")
     first = _launch(tmp_path / "two", *fsdp, "--stop-after", "1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "iter_000001").glob("optimizer_rank*.pt")) == [
-        "optimizer_rank0.pt", "optimizer_rank1.pt"]
-    resumed = _launch(tmp_path / "two", *fsdp, "--resume", "--stop-after", "null")
+    sharded = tmp_path / "two" / "checkpoints" / "iter_000001" / "sharded"
+    assert (sharded / ".metadata").is_file() and len(list(sharded.glob("*.distcp"))) == 2  # one file per rank
+    resumed = _launch(tmp_path / "two", *fsdp, "--resume", "--stop-after", "null", nproc=3)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    _assert_same_run(one_process("grpo", *SMALL), tmp_path / "two")
+    _assert_same_run(one_process("grpo", *SMALL, "--prompts-per-iteration", "6"), tmp_path / "two", world=3)
+    # ... but not in one process, which does not shard (its optimizer state would be per fused
+    # matrix): a clear error
+    out = _launch(tmp_path / "two", *fsdp, "--resume", nproc=1, timeout=120)
+    assert out.returncode != 0
+    assert "it was written with parallel fsdp on 3 ranks, and this run is not sharded" in out.stderr
 
 
 def test_fsdp_refuses_what_it_does_not_support_before_any_work(tmp_path):
