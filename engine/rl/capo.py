@@ -275,11 +275,9 @@ def rule_wrong_steps(steps: Sequence[str]) -> frozenset[int]:
     return frozenset(wrong)
 
 
-def flag_precision_recall(predicted: Sequence[Collection[int]],
-                          truth: Sequence[Collection[int]]) -> tuple[float | None, float | None]:
-    """Micro-averaged (precision, recall) of flagged steps over responses: precision =
-    |pred & truth| / |pred| (None if nothing was predicted), recall = |pred & truth| / |truth|
-    (None if nothing is truly wrong)."""
+def flag_counts(predicted: Sequence[Collection[int]], truth: Sequence[Collection[int]]) -> tuple[int, int, int]:
+    """(|pred & truth|, |pred|, |truth|) summed over responses: what micro precision and recall
+    are made of (counts add up across batches and ranks; ratios do not)."""
     if len(predicted) != len(truth):
         raise ValueError(f"{len(predicted)} predicted flag sets for {len(truth)} true ones")
     hits = n_pred = n_true = 0
@@ -288,4 +286,13 @@ def flag_precision_recall(predicted: Sequence[Collection[int]],
         hits += len(p & t)
         n_pred += len(p)
         n_true += len(t)
+    return hits, n_pred, n_true
+
+
+def flag_precision_recall(predicted: Sequence[Collection[int]],
+                          truth: Sequence[Collection[int]]) -> tuple[float | None, float | None]:
+    """Micro-averaged (precision, recall) of flagged steps over responses: precision =
+    |pred & truth| / |pred| (None if nothing was predicted), recall = |pred & truth| / |truth|
+    (None if nothing is truly wrong)."""
+    hits, n_pred, n_true = flag_counts(predicted, truth)
     return (hits / n_pred if n_pred else None, hits / n_true if n_true else None)

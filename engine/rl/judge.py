@@ -7,13 +7,14 @@
                 critique per response, never wrong, never abstaining. It tests the machinery
                 and bounds what a perfect judge could give.
 
-Both answer `critique(requests) -> JudgeResult`: per response, the list of its critiques.
+Both answer `critique(requests, seeds=None) -> JudgeResult`: per response, the list of its
+critiques (the rule judge has no randomness and ignores the seeds).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.rl.capo import Critique, critique_prompt, parse_critique, rule_wrong_steps
 from engine.runtime import Engine, SamplingParams
@@ -46,7 +47,7 @@ class RuleJudge:
 
     votes = 1
 
-    def critique(self, requests: Sequence[JudgeRequest]) -> JudgeResult:
+    def critique(self, requests: Sequence[JudgeRequest], seeds: Sequence[int] | None = None) -> JudgeResult:
         t0 = time.perf_counter()
         critiques = [[Critique(rule_wrong_steps(r.steps))] for r in requests]
         return JudgeResult(critiques, seconds=time.perf_counter() - t0)
@@ -80,12 +81,17 @@ class ModelJudge:
         return self.engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                          add_generation_prompt=True)
 
-    def critique(self, requests: Sequence[JudgeRequest]) -> JudgeResult:
+    def critique(self, requests: Sequence[JudgeRequest], seeds: Sequence[int] | None = None) -> JudgeResult:
+        """The critiques of every request; `seeds` (one per request) makes each request's votes
+        a function of its seed alone, not of the batch (data-parallel ranks judge their shares)."""
         t0 = time.perf_counter()
         tokenizer = self.engine.tokenizer
         prompts = [tokenizer.encode(self.prompt(r)) for r in requests]  # (the Engine takes the ids as they are)
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
+        params = self.params if seeds is None else [replace(self.params, seed=s) for s in seeds]
         self.engine.stats.reset()
-        outs = self.engine.generate(prompts, self.params, progress=self.progress and "judge")
+        outs = self.engine.generate(prompts, params, progress=self.progress and "judge")
         texts = [[c.text for c in cs] for cs in outs]
         critiques = [[parse_critique(t, len(r.steps)) for t in ts] for r, ts in zip(requests, texts)]
         return JudgeResult(

@@ -62,7 +62,7 @@ from engine.rl import advantages as adv_lib
 from engine.rl.config import ALL, ConfigError, TrainConfig, config_from_run, dump_config
 from engine.rl.distributed import Dist
 from engine.rl.loss import aggregate, ppo_loss
-from engine.rl.capo import flag_precision_recall, group_token_advantages, rule_wrong_steps, token_rewards, vote
+from engine.rl.capo import flag_counts, group_token_advantages, rule_wrong_steps, token_rewards, vote
 from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
 from engine.rl.offline import dpo_pairs, dpop_loss, restem_pick_epoch, restem_select
 from engine.rl.optim import AdamW, warmup_linear_decay
@@ -289,9 +289,6 @@ class Trainer:
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
-        if self.cfg.algo == "capo":
-            raise ConfigError(f"algo capo does not run data-parallel yet (world size {world}); the other "
-                              f"algorithms do, or run it in one process")
 
     def _clear_previous_run(self) -> None:
         """A fresh start in a used run directory: drop what the old run left (or --resume would mix them)."""
@@ -399,8 +396,9 @@ class Trainer:
         return rng.sample(self.train_items, n) if n <= len(self.train_items) else rng.choices(self.train_items, k=n)
 
     def _iteration_seed(self, purpose: str) -> int:
-        """The seed of this iteration's sampling ("sample") or MC rollouts ("mc"), from the run seed."""
-        salt = {"sample": 0x5A3D, "mc": 0x3C7F}[purpose]
+        """The seed of this iteration's sampling ("sample"), MC rollouts ("mc") or CAPO judge votes
+        ("judge"), from the run seed."""
+        salt = {"sample": 0x5A3D, "mc": 0x3C7F, "judge": 0x1D6E}[purpose]
         return mix_seed(mix_seed(self.cfg.seed, salt), self.iteration)
 
     def _sum(self, values) -> float:
@@ -691,43 +689,58 @@ class Trainer:
 
     def _capo_advantages(self, episodes: list[Episode]) -> dict[str, float]:
         """CAPO: the judge's votes on each response's steps -> token rewards -> advantages
-        normalised over all tokens of each prompt's samples. Returns the judge's metrics."""
+        normalised over all tokens of each prompt's samples (a prompt's samples are on one rank).
+        Returns the judge's metrics over every rank's responses."""
         cfg = self.cfg
         style = self.task.step_style if cfg.step_split == "task" else cfg.step_split
         requests = []
         for ep in episodes:
             texts, ep.step_ends = step_spans(ep.response_ids, self.tokenizer, style)
             requests.append(JudgeRequest(ep.item.question, texts, ep.item.answer))
-        result = self.judge.critique(requests)
+        seeds = None
+        if self.seeded:  # each response's votes seeded by (seed, iteration, its global index)
+            base, seen = self._iteration_seed("judge"), {}
+            seeds = []
+            for ep in episodes:
+                index = seen[ep.group] = seen.get(ep.group, -1) + 1
+                seeds.append(mix_seed(base, ep.group * cfg.samples_per_prompt + index))
+        result = self.judge.critique(requests, seeds)
         flagged = [vote(cs, len(r.steps), cfg.capo_voting) for cs, r in zip(result.critiques, requests)]
         rewards = [token_rewards(ep.num_tokens, ep.step_ends, f, ep.reward, cfg.capo_w_whole, cfg.capo_w_process)
                    for ep, f in zip(episodes, flagged)]
         for ep, adv in zip(episodes, group_token_advantages(rewards, [ep.group for ep in episodes])):
             ep.advantages = adv
         critiques = [c for cs in result.critiques for c in cs]
-        steps = sum(len(r.steps) for r in requests)
+        oracle = cfg.judge == "rule" or cfg.judge_oracle == "rule"
+        hits, n_pred, n_true = flag_counts(flagged, [rule_wrong_steps(r.steps) for r in requests]) if oracle \
+            else (0, 0, 0)
+        # counts summed over ranks (the ratios are of the sums); the judge's time is the slowest rank's
+        (steps, responses, flagged_steps, flagged_responses, abstained, n_critiques, out_of_range, generated,
+         prompt_tokens, prefill, cached, preemptions, hits, n_pred, n_true) = self.dist.all_reduce_sum(
+            [sum(len(r.steps) for r in requests), len(requests), sum(len(f) for f in flagged),
+             sum(bool(f) for f in flagged), sum(c.flagged is None for c in critiques), len(critiques),
+             sum(c.out_of_range for c in critiques), result.generated_tokens, result.prompt_tokens,
+             result.prefill_tokens, result.cached_tokens, result.preemptions, hits, n_pred, n_true])
+        (seconds,) = self.dist.all_reduce_max([result.seconds])
         out = {
-            "judge_flagged_step_frac": sum(len(f) for f in flagged) / max(1, steps),
-            "judge_flagged_response_frac": float(np.mean([bool(f) for f in flagged])),
-            "judge_abstain_frac": sum(c.flagged is None for c in critiques) / max(1, len(critiques)),
-            "judge_out_of_range": sum(c.out_of_range for c in critiques),
-            "judge_critiques": len(critiques),
-            "steps_per_response": steps / max(1, len(requests)),
-            "time_judge": round(result.seconds, 3),
+            "judge_flagged_step_frac": flagged_steps / max(1, steps),
+            "judge_flagged_response_frac": flagged_responses / max(1, responses),
+            "judge_abstain_frac": abstained / max(1, n_critiques),
+            "judge_out_of_range": int(out_of_range),
+            "judge_critiques": int(n_critiques),
+            "steps_per_response": steps / max(1, responses),
+            "time_judge": round(seconds, 3),
         }
         if isinstance(self.judge, ModelJudge):
-            out.update(judge_tokens_per_s=result.generated_tokens / max(result.seconds, 1e-9),
-                       judge_generated_tokens=result.generated_tokens, judge_prompt_tokens=result.prompt_tokens,
-                       judge_prefill_tokens=result.prefill_tokens, judge_cached_tokens=result.cached_tokens,
-                       judge_preemptions=result.preemptions)
-        if cfg.judge == "rule" or cfg.judge_oracle == "rule":
-            truth = [rule_wrong_steps(r.steps) for r in requests]
-            precision, recall = flag_precision_recall(flagged, truth)
-            out["judge_true_wrong_step_frac"] = sum(len(t) for t in truth) / max(1, steps)
-            if precision is not None:
-                out["judge_precision"] = precision
-            if recall is not None:
-                out["judge_recall"] = recall
+            out.update(judge_tokens_per_s=generated / max(seconds, 1e-9), judge_generated_tokens=int(generated),
+                       judge_prompt_tokens=int(prompt_tokens), judge_prefill_tokens=int(prefill),
+                       judge_cached_tokens=int(cached), judge_preemptions=int(preemptions))
+        if oracle:
+            out["judge_true_wrong_step_frac"] = n_true / max(1, steps)
+            if n_pred:
+                out["judge_precision"] = hits / n_pred
+            if n_true:
+                out["judge_recall"] = hits / n_true
         return out
 
     def _step_ends(self, ep: Episode) -> list[int]:

@@ -144,10 +144,29 @@ def test_fsdp_trains_and_resumes_on_another_world_size_to_the_same_weights_as_on
     assert "it was written with parallel fsdp on 3 ranks, and this run is not sharded" in out.stderr
 
 
+CAPO = ("--algo", "capo", "--judge", "model", "--capo-votes", "2", "--capo-judge-max-new-tokens", "8")
+JUDGE_KEYS = ("judge_critiques", "judge_generated_tokens", "judge_prompt_tokens", "judge_abstain_frac",
+              "judge_flagged_step_frac", "judge_flagged_response_frac", "steps_per_response")
+
+
+def test_capo_with_a_model_judge_under_fsdp_matches_one_process(tmp_path, one_process):
+    # Each rank judges its own responses with its own judge Engine (the frozen starting model);
+    # every response's votes are seeded by (seed, iteration, its global index), so the critiques,
+    # and with them the token rewards and advantages, do not depend on the world size.
+    two = _launch(tmp_path / "two", *CAPO, "--parallel", "fsdp")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = one_process(*CAPO[1:])
+    _assert_same_run(one, tmp_path / "two")
+    for x, y in zip(_rows(one)[1:], _rows(tmp_path / "two")[1:]):
+        for key in JUDGE_KEYS:
+            assert y[key] == pytest.approx(x[key], rel=1e-12), (x["iteration"], key)
+    assert _rows(one)[1]["judge_generated_tokens"] > 0
+
+
 def test_fsdp_refuses_what_it_does_not_support_before_any_work(tmp_path):
     out = _launch(tmp_path / "run", "--algo", "ppo", "--parallel", "fsdp", timeout=120)
     assert out.returncode != 0
-    assert "parallel fsdp supports algo vineppo, grpo, rloo so far, not ppo" in out.stderr
+    assert "parallel fsdp supports algo vineppo, grpo, rloo, capo so far, not ppo" in out.stderr
     assert not (tmp_path / "run").exists()
 
 
