@@ -23,7 +23,7 @@ How it meets the trainer:
   parameter and optimizer shards, with their global offsets); --resume reads it on any number
   of ranks (>= 2), each rank just its rows.
 
-Limits (config errors): vineppo, grpo, rloo and capo only (no PPO critic, RestEM, DPO+); a
+Limits (config errors): every algorithm but PPO (its critic is not sharded yet); a
 sharded checkpoint resumes only under parallel fsdp (its optimizer state is per unfused
 matrix). The frozen reference model stays whole on every rank.
 """
@@ -43,7 +43,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from engine.model.fused_linear import unfuse_linears
 from engine.rl.optim import LOW_PRECISION
 
-FSDP_ALGOS = ("vineppo", "grpo", "rloo", "capo")
+FSDP_ALGOS = ("vineppo", "grpo", "rloo", "capo", "restem", "dpo+")
 
 
 def shard_policy(model: nn.Module) -> list[FSDPModule]:

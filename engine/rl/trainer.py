@@ -515,9 +515,14 @@ class Trainer:
             if cfg.restem_from_base:
                 # ReST-EM fine-tunes the starting model on each iteration's data, not the last
                 # iteration's model. Copy in place: the Engine reads these very tensors.
-                with torch.no_grad():
-                    for p, q in zip(self.policy.parameters(), self.ref.parameters(), strict=True):
-                        p.copy_(q)
+                if self._fsdp:
+                    from engine.rl.fsdp import load_full_weights
+
+                    load_full_weights(self.policy, self.ref)
+                else:
+                    with torch.no_grad():
+                        for p, q in zip(self.policy.parameters(), self.ref.parameters(), strict=True):
+                            p.copy_(q)
             units: list = kept
             empty = "no correct sample"
         else:
@@ -587,9 +592,16 @@ class Trainer:
                 where = f"iteration {self.iteration}, epoch {epoch}, minibatch {start // cfg.minibatch_size}"
                 self.opt.zero_grad(set_to_none=True)
                 stats: dict[str, float] = {}
-                for j, micro in enumerate(_chunks(minibatch, cfg.micro_batch_size)):
-                    if j % self.dist.world_size != self.dist.rank:
-                        continue  # another rank's micro-batch (the normalisers are the whole minibatch's)
+                # this rank's micro-batches: every world_size-th (the normalisers are the whole minibatch's)
+                mine = list(_chunks(minibatch, cfg.micro_batch_size))[self.dist.rank::self.dist.world_size]
+                if self._fsdp and not mine:  # FSDP's gradient sync needs every rank in a backward
+                    first = units[0] if cfg.algo == "restem" else units[0][0]
+                    self._fsdp_zero_backward(first)
+                for j, micro in enumerate(mine):
+                    if self._fsdp:
+                        from engine.rl.fsdp import set_sync
+
+                        set_sync(self._fsdp, last=j == len(mine) - 1)
                     part = self._restem_backward(micro, minibatch) if cfg.algo == "restem" else \
                         self._dpo_backward(micro, len(minibatch))
                     if not math.isfinite(part["loss"]):
@@ -597,14 +609,15 @@ class Trainer:
                                                f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
                     for k, v in part.items():
                         stats[k] = stats.get(k, 0.0) + v
-                self.dist.all_reduce_grads(list(self.policy.parameters()))
+                if not self._fsdp:  # (FSDP has reduce-scattered the sums in the last backward)
+                    self.dist.all_reduce_grads(list(self.policy.parameters()))
                 if self.dist.distributed:
                     summed: dict[str, float] = {}
                     for part in self.dist.all_gather_object(stats):
                         for k, v in part.items():
                             summed[k] = summed.get(k, 0.0) + v
                     stats = summed
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
                 if not torch.isfinite(grad_norm):
                     raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and "
                                            f"the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
@@ -913,9 +926,7 @@ class Trainer:
             for part in parts:
                 for k, v in part.items():
                     totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
@@ -932,12 +943,13 @@ class Trainer:
         totals["grad_norm"] = float(grad_norm)
         return totals
 
-    def _fsdp_zero_backward(self) -> None:
-        """A backward that adds zero to every gradient (FSDP's gradient sync needs every rank)."""
+    def _fsdp_zero_backward(self, episode: Episode | None = None) -> None:
+        """A backward that adds zero to every gradient (FSDP's gradient sync needs every rank),
+        through `episode` (default: this rank's first episode of the update)."""
         from engine.rl.fsdp import set_sync
 
         set_sync(self._fsdp, last=True)
-        packed = Packed.build(self._local_episodes[:1], self.device)
+        packed = Packed.build([episode] if episode is not None else self._local_episodes[:1], self.device)
         (self._token_logprobs(self.policy, packed).sum() * 0.0).backward()
 
     def _critic_backward(self, micro: list[Episode], packed: Packed, num_tokens: int) -> float:
@@ -1164,7 +1176,8 @@ class EpochPicker:
         self.accuracies.append(acc)
         self.chosen = restem_pick_epoch(self.accuracies, self.mode)
         if self.chosen == len(self.accuracies) - 1:  # the newest model is the pick (so far)
-            self.kept = [p.detach().to("cpu", copy=True) for p in trainer.policy.parameters()]
+            # (under FSDP each rank keeps its own shards)
+            self.kept = [_local(p).detach().to("cpu", copy=True) for p in trainer.policy.parameters()]
         self.seconds += time.perf_counter() - t0
 
     def after_epoch(self, epoch: int) -> bool:
@@ -1177,12 +1190,22 @@ class EpochPicker:
         if self.chosen != len(self.accuracies) - 1:
             with torch.no_grad():
                 for p, q in zip(self.trainer.policy.parameters(), self.kept, strict=True):
-                    p.copy_(q)
+                    _local(p).copy_(q)
         self.kept = []
         return {"restem_chosen_epoch": self.chosen, "restem_epochs_trained": len(self.accuracies) - 1,
                 "restem_val_accuracy": self.accuracies[self.chosen], "restem_val_accuracy_start": self.accuracies[0],
                 "restem_val_accuracy_by_epoch": list(self.accuracies),
                 "restem_validation_seconds": round(self.seconds, 3)}  # (part of time_update)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP (DTensor) parameter; a plain tensor as it is."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A reduced DTensor (FSDP's gradient norm, over every rank's shards) as a plain tensor."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def _chunks(xs: list, size: int):

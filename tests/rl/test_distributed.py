@@ -163,6 +163,38 @@ def test_capo_with_a_model_judge_under_fsdp_matches_one_process(tmp_path, one_pr
     assert _rows(one)[1]["judge_generated_tokens"] > 0
 
 
+OFFLINE = {"restem": ("--algo", "restem", *SMALL), "dpo+": ("--algo", "dpo+", *SMALL)}
+
+
+@pytest.mark.parametrize("algo", ["restem", "dpo+"])
+def test_restem_and_dpo_under_fsdp_match_one_process(tmp_path, algo, one_process):
+    # Micro-batches of one unit dealt to the ranks in turn: an odd-sized last minibatch leaves
+    # rank 1 without one, which then joins FSDP's gradient sync with a zero backward. RestEM
+    # starts each iteration from the base model, copied into the shards.
+    two = _launch(tmp_path / "two", *OFFLINE[algo], "--parallel", "fsdp")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = one_process(*OFFLINE[algo][1:])
+    _assert_same_run(one, tmp_path / "two")
+    key = "restem_kept" if algo == "restem" else "dpo_pairs"
+    assert [r[key] for r in _rows(tmp_path / "two")[1:]] == [r[key] for r in _rows(one)[1:]]
+
+
+def test_restem_epoch_pick_under_fsdp_restores_the_picked_shards(tmp_path):
+    # The random model's validation accuracy is 0 after every epoch, so the pick is epoch 0 (ties
+    # go to the earliest): after training 2 epochs, each rank copies its kept epoch-0 shards back,
+    # and the model is the base model again, exactly.
+    from safetensors.torch import load_file
+
+    two = _launch(tmp_path / "two", *OFFLINE["restem"], "--parallel", "fsdp", "--restem-early-stop", "best",
+                  "--eval-splits", "[test, validation]", "--validation-items", "4")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    rows = _rows(tmp_path / "two")[1:]
+    assert all(r["restem_chosen_epoch"] == 0 and r["restem_epochs_trained"] == 2 and r["optimizer_steps"] > 0
+               for r in rows)
+    final, init = _weights(tmp_path / "two"), load_file(str(tmp_path / "two" / "init" / "model.safetensors"))
+    assert final.keys() == init.keys() and all(torch.equal(final[k], init[k]) for k in final)
+
+
 def test_fsdp_refuses_what_it_does_not_support_before_any_work(tmp_path):
     out = _launch(tmp_path / "run", "--algo", "ppo", "--parallel", "fsdp", timeout=120)
     assert out.returncode != 0
