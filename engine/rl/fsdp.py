@@ -23,9 +23,10 @@ How it meets the trainer:
   parameter and optimizer shards, with their global offsets); --resume reads it on any number
   of ranks (>= 2), each rank just its rows.
 
-Limits (config errors): every algorithm but PPO (its critic is not sharded yet); a
-sharded checkpoint resumes only under parallel fsdp (its optimizer state is per unfused
-matrix). The frozen reference model stays whole on every rank.
+Every algorithm runs sharded; PPO's critic is sharded the same way (`shard_value_model`), its
+training state saved beside the policy's. Limits: a sharded checkpoint resumes only under
+parallel fsdp (its optimizer state is per unfused matrix); the frozen reference model and
+CAPO's judge stay whole on every rank.
 """
 from __future__ import annotations
 
@@ -43,20 +44,28 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from engine.model.fused_linear import unfuse_linears
 from engine.rl.optim import LOW_PRECISION
 
-FSDP_ALGOS = ("vineppo", "grpo", "rloo", "capo", "restem", "dpo+")
-
-
 def shard_policy(model: nn.Module) -> list[FSDPModule]:
     """fully_shard every decoder layer and the root of `model` (in place); the FSDP modules,
     root last."""
-    unfuse_linears(model)
+    return _shard(model, model, unshard_method="hidden_states")  # (the trainer's forward)
+
+
+def shard_value_model(critic: nn.Module) -> list[FSDPModule]:
+    """PPO's critic (a transformer `body` and a value `head`) sharded as the policy is, with the
+    critic itself as the root: its forward all-gathers the body's root group and the head."""
+    return _shard(critic, critic.body)
+
+
+def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None = None) -> list[FSDPModule]:
+    unfuse_linears(transformer)
     # the mesh on the model's device type (not FSDP's default, CUDA whenever present)
-    mesh = init_device_mesh(next(model.parameters()).device.type, (tdist.get_world_size(),))
-    for layer in model.model.layers:
+    mesh = init_device_mesh(next(root.parameters()).device.type, (tdist.get_world_size(),))
+    for layer in transformer.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    register_fsdp_forward_method(model, "hidden_states")  # the trainer's forward
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fully_shard(root, mesh=mesh, reshard_after_forward=False)
+    if unshard_method is not None:
+        register_fsdp_forward_method(root, unshard_method)
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for m in modules:
         m.set_gradient_divide_factor(1.0)  # gradients summed over ranks, not averaged
         m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)

@@ -75,6 +75,7 @@ from kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"  # parallel fsdp: the parameter and optimizer shards (torch.distributed.checkpoint)
+SHARDED_CRITIC_DIR = "sharded_critic"  # (PPO's critic, the same)
 GLOBALLY_NORMALISED = ("loss", "pg_loss", "kl_loss", "entropy_loss")
 RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
@@ -240,11 +241,14 @@ class Trainer:
         # --parallel fsdp (engine/rl/fsdp.py): the policy sharded over the ranks; generation runs
         # inside self._gathered() (whole parameters), training forwards all-gather through FSDP.
         self._fsdp: list = []
+        self._critic_fsdp: list = []
         self._local_episodes: list[Episode] = []  # (this rank's episodes during an update)
         if cfg.parallel == "fsdp" and dist.distributed:
-            from engine.rl.fsdp import shard_policy
+            from engine.rl.fsdp import shard_policy, shard_value_model
 
             self._fsdp = shard_policy(self.policy)
+            if self.critic is not None:
+                self._critic_fsdp = shard_value_model(self.critic)
         self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration(len(self.train_items))
                                                  // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
@@ -280,12 +284,6 @@ class Trainer:
         world = self.dist.world_size
         if world == 1:
             return
-        if self.cfg.parallel == "fsdp":
-            from engine.rl.fsdp import FSDP_ALGOS
-
-            if self.cfg.algo not in FSDP_ALGOS:
-                raise ConfigError(f"parallel fsdp supports algo {', '.join(FSDP_ALGOS)} so far, not {self.cfg.algo}; "
-                                  f"use parallel ddp")
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
@@ -896,8 +894,7 @@ class Trainer:
                 raise TrainingDiverged(f"non-finite policy loss ({loss.item()}) at {where}; the update was not "
                                        f"applied and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
             if cfg.skip_ratio_above is not None and float(st.ratio_mean) > cfg.skip_ratio_above:
-                # VinePPO's guard: far off-policy, its policy gradient would be noise. Drop the
-                # graph now, before the critic's pass, so the two never hold activations together.
+                # VinePPO's guard: far off-policy, its policy gradient would be noise. Drop the graph.
                 totals["skipped_micro_batches"] = totals.get("skipped_micro_batches", 0.0) + 1
                 if self._fsdp:  # (FSDP: every backward of the schedule runs; this one adds zero)
                     (loss * 0.0).backward()
@@ -912,13 +909,24 @@ class Trainer:
                         totals[k] = totals.get(k, 0.0) + v
                     else:  # token means of this micro-batch -> token mean of the minibatch
                         totals[k] = totals.get(k, 0.0) + v * share
-            if self.critic is not None:  # the critic trains on every micro-batch, skipped or not, as in the reference
+        if self.critic is not None:
+            # The critic trains on every micro-batch, skipped or not, as in the reference; after the
+            # policy's passes, so that under FSDP every rank runs the two models' all-gathers and
+            # reduce-scatters in the same order, whatever its number of micro-batches.
+            if self._critic_fsdp and not micros:
+                self._fsdp_zero_backward(critic=True)
+            for j, micro in enumerate(micros):
+                if self._critic_fsdp:
+                    from engine.rl.fsdp import set_sync
+
+                    set_sync(self._critic_fsdp, last=j == len(micros) - 1)
+                packed = Packed.build(micro, self.device)
                 totals["value_loss"] = totals.get("value_loss", 0.0) + self._critic_backward(micro, packed, num_tokens)
         # Sum over ranks: every rank now holds the gradient of the whole minibatch, and the statistics
         # (already divided by the global counts) add up as the micro-batches' do (ratio_max: the max).
         if not self._fsdp:  # (FSDP has reduce-scattered the sums in the last backward)
             self.dist.all_reduce_grads(list(self.policy.parameters()))
-        if self.critic is not None:
+        if self.critic is not None and not self._fsdp:
             self.dist.all_reduce_grads(list(self.critic.parameters()))
         if self.dist.distributed:
             parts = self.dist.all_gather_object(totals)
@@ -931,7 +939,7 @@ class Trainer:
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
         if self.critic is not None:
-            critic_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+            critic_norm = _full(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip))
             if not torch.isfinite(critic_norm):
                 raise TrainingDiverged(f"non-finite critic gradient norm at {where}; the update was not applied "
                                        f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
@@ -943,14 +951,16 @@ class Trainer:
         totals["grad_norm"] = float(grad_norm)
         return totals
 
-    def _fsdp_zero_backward(self, episode: Episode | None = None) -> None:
-        """A backward that adds zero to every gradient (FSDP's gradient sync needs every rank),
-        through `episode` (default: this rank's first episode of the update)."""
+    def _fsdp_zero_backward(self, episode: Episode | None = None, critic: bool = False) -> None:
+        """A backward of the policy (or the critic) that adds zero to every gradient (FSDP's
+        gradient sync needs every rank), through `episode` (default: this rank's first episode
+        of the update)."""
         from engine.rl.fsdp import set_sync
 
-        set_sync(self._fsdp, last=True)
+        set_sync(self._critic_fsdp if critic else self._fsdp, last=True)
         packed = Packed.build([episode] if episode is not None else self._local_episodes[:1], self.device)
-        (self._token_logprobs(self.policy, packed).sum() * 0.0).backward()
+        out = self.critic(packed.ids, packed.cu, packed.rows) if critic else self._token_logprobs(self.policy, packed)
+        (out.sum() * 0.0).backward()
 
     def _critic_backward(self, micro: list[Episode], packed: Packed, num_tokens: int) -> float:
         """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), token-mean over the minibatch."""
@@ -1061,12 +1071,13 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ checkpoints
-    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Under FSDP the policy's whole weights (collective: every rank calls it); else None
-        (save_pretrained reads the module)."""
+    def _full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole weights of `module` (default the policy; collective: every rank
+        calls it); else None (save_pretrained reads the module)."""
         if not self._fsdp:
             return None
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in self.policy.state_dict().items()}
+        module = self.policy if module is None else module
+        return {k: _full(v) for k, v in module.state_dict().items()}
 
     def save_checkpoint(self) -> Path:
         """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune.
@@ -1075,15 +1086,27 @@ class Trainer:
         path = root / f"iter_{self.iteration:06d}"
         tmp = root / f".tmp_iter_{self.iteration:06d}"
         full = self._full_state_dict()
+        critic_full = self._full_state_dict(self.critic) if self.critic is not None else None
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
-        fsdp_meta = None
+            if self.critic is not None:  # critic/: the body in HF format plus value_head.safetensors
+                from safetensors.torch import save_file
+
+                body = {k[len("body."):]: v for k, v in critic_full.items() if k.startswith("body.")} \
+                    if critic_full is not None else None
+                head = {k[len("head."):]: v for k, v in critic_full.items() if k.startswith("head.")} \
+                    if critic_full is not None else self.critic.head.state_dict()
+                self.critic.body.save_pretrained(str(tmp / "critic"), state_dict=body)
+                save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "critic" / "value_head.safetensors"))
+        fsdp_meta = critic_meta = None
         if self._fsdp:  # every rank writes its shards (DCP) before rank 0 publishes the folder
             from engine.rl.fsdp import save_sharded_state
 
             self.dist.barrier()  # (rank 0 has made tmp/)
             fsdp_meta = save_sharded_state(self.policy, self.opt, tmp / SHARDED_DIR)
+            if self.critic is not None:
+                critic_meta = save_sharded_state(self.critic, self.critic_opt, tmp / SHARDED_CRITIC_DIR)
             self.dist.barrier()
         if not self.dist.is_main:
             return path
@@ -1093,10 +1116,11 @@ class Trainer:
         else:
             state["optimizer"] = self.opt.state_dict()
         if self.critic is not None:
-            self.critic.body.save_pretrained(str(tmp / "critic"))
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in self.critic.head.state_dict().items()}, str(tmp / "critic" / "value_head.safetensors"))
-            state.update(critic_optimizer=self.critic_opt.state_dict(), critic_scheduler=self.critic_sched.state_dict())
+            state["critic_scheduler"] = self.critic_sched.state_dict()
+            if self._fsdp:
+                state["fsdp_critic"] = critic_meta
+            else:
+                state["critic_optimizer"] = self.critic_opt.state_dict()
         torch.save(state, tmp / STATE_FILE)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)  # a checkpoint directory exists only once complete
@@ -1134,11 +1158,17 @@ class Trainer:
             self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.critic is not None:
-            body, _ = load_model(path / "critic", dtype=self.dtype, device=self.device)
-            self.critic.body.load_state_dict(body.state_dict())
-            from safetensors.torch import load_file
-            self.critic.head.load_state_dict(load_file(str(path / "critic" / "value_head.safetensors"), device=str(self.device)))
-            self.critic_opt.load_state_dict(state["critic_optimizer"])
+            if self._fsdp:
+                from engine.rl.fsdp import load_sharded_state
+
+                load_sharded_state(self.critic, self.critic_opt, path / SHARDED_CRITIC_DIR, state["fsdp_critic"])
+            else:
+                body, _ = load_model(path / "critic", dtype=self.dtype, device=self.device)
+                self.critic.body.load_state_dict(body.state_dict())
+                from safetensors.torch import load_file
+                self.critic.head.load_state_dict(load_file(str(path / "critic" / "value_head.safetensors"),
+                                                           device=str(self.device)))
+                self.critic_opt.load_state_dict(state["critic_optimizer"])
             self.critic_sched.load_state_dict(state["critic_scheduler"])
         _set_rng_state(state["rng"])
         self.iteration = int(state["iteration"])
