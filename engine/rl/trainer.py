@@ -337,7 +337,7 @@ class Trainer:
         if dist.is_main:  # written last: its presence means sft/ is whole
             (sft_dir / "sft_done.json").write_text(json.dumps(
                 {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
-                 "seconds": round(time.perf_counter() - t0, 1)}))
+                 "seconds": round(time.perf_counter() - t0, 1), "world_size": dist.world_size}))
         dist.barrier()  # sft/ is whole before any rank reads it
         return sft_dir
 

@@ -90,22 +90,32 @@ def test_two_rank_sft_trains_the_one_process_weights(tmp_path, one_process_sft, 
     assert min(one_log["grad_norm"]) > 0.5
 
 
-def test_trainer_sft_stage_on_two_ranks_writes_the_one_process_checkpoint(tmp_path):
-    flags = [
-        "--preset", "smoke", "--iterations", "1", "--prompts-per-iteration", "2", "--samples-per-prompt", "2",
-        "--max-new-tokens", "6", "--k", "2", "--epochs", "1", "--minibatch-size", "2", "--micro-batch-size", "1",
-        "--eval-every", "1", "--eval-items", "2", "--eval-samples", "1", "--save-every", "1",
-        "--tiny-model-args", TINY, "--task-args", TASK, "--tensorboard", "false", "--kv-cache-tokens", "2048",
-        "--quiet", "--dist-timeout-s", "60",
-        "--sft-steps", "5", "--sft-batch-size", "7", "--sft-lr", "3e-3",
-    ]
-    _launch("engine.train", flags + ["--run-dir", str(tmp_path / "one")], nproc=1)
-    _launch("engine.train", flags + ["--run-dir", str(tmp_path / "two")])
-    one, two = tmp_path / "one", tmp_path / "two"
+TRAIN_FLAGS = [
+    "--preset", "smoke", "--iterations", "1", "--prompts-per-iteration", "2", "--samples-per-prompt", "2",
+    "--max-new-tokens", "6", "--k", "2", "--epochs", "1", "--minibatch-size", "2", "--micro-batch-size", "1",
+    "--eval-every", "1", "--eval-items", "2", "--eval-samples", "1", "--save-every", "1",
+    "--tiny-model-args", TINY, "--task-args", TASK, "--tensorboard", "false", "--kv-cache-tokens", "2048",
+    "--quiet", "--dist-timeout-s", "60",
+    "--sft-steps", "5", "--sft-batch-size", "7", "--sft-lr", "3e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("train-one") / "run"
+    _launch("engine.train", TRAIN_FLAGS + ["--run-dir", str(run)], nproc=1)
+    return run
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_trainer_sft_stage_on_two_ranks_writes_the_one_process_checkpoint(tmp_path, one_process_run, parallel):
+    # Every rank runs the SFT stage (its share of each batch); rank 0 writes sft/ and sft_done.json.
+    _launch("engine.train", TRAIN_FLAGS + ["--run-dir", str(tmp_path / "two"), "--parallel", parallel])
+    one, two = one_process_run, tmp_path / "two"
     _assert_same_weights(one / "sft", two / "sft", one / "init")
     done_one = json.loads((one / "sft" / "sft_done.json").read_text())
     done_two = json.loads((two / "sft" / "sft_done.json").read_text())
-    assert done_two["steps"] == 5
+    assert (done_one["world_size"], done_two["world_size"], done_two["steps"]) == (1, 2, 5)  # (not rank 0 alone)
     assert (done_two["first_loss"], done_two["last_loss"]) == pytest.approx(
         (done_one["first_loss"], done_one["last_loss"]), rel=1e-5)
     # the RL run then started from it: same iteration-0 evaluation
