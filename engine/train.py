@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 import time
 from pathlib import Path
 
@@ -80,26 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from engine.rl.distributed import init_from_env
+    from engine.rl.distributed import init_from_env, run_ranks
 
     dist = init_from_env(cfg.dist_timeout_s, cfg.device)
-    if not dist.distributed:
-        return _main(args, cfg, dist)
-    try:
-        out = _main(args, cfg, dist)
-    except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
-        if not isinstance(e, SystemExit):
-            traceback.print_exc()
-            print(f"error (rank {dist.rank} of {dist.world_size}): {e}", file=sys.stderr)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        # Leave at once, without the process group's shutdown handshake (the other ranks may be
-        # waiting in a collective): they fail in it when this rank's connections close, at the
-        # latest after dist_timeout_s, and torchrun stops the job with a non-zero exit.
-        os._exit(code or 1)
-    dist.shutdown()
-    return out
+    # under torchrun, an error on any rank ends every rank (engine/rl/distributed.py)
+    return run_ranks(dist, lambda: _main(args, cfg, dist))
 
 
 def _main(args: argparse.Namespace, cfg, dist) -> dict:

@@ -14,9 +14,11 @@ left) makes the others fail in their next collective within that time instead of
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -140,6 +142,36 @@ class Dist:
         fail in their next collective instead of waiting for it)."""
         if self.distributed and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def run_ranks(dist: Dist, body: Callable[[], T]) -> T:
+    """`body()` on this rank; under torchrun an error (or SystemExit) on any rank ends every rank.
+
+    One process: body() as is (exceptions propagate). Several ranks: a failing rank prints its
+    error and leaves at once with os._exit (non-zero), without the process group's shutdown
+    handshake (the other ranks may be waiting in a collective): they fail in it when this rank's
+    connections close, at the latest after the process group's timeout, and torchrun stops the
+    job with a non-zero exit. After a clean run the rank leaves the process group.
+    """
+    if not dist.distributed:
+        return body()
+    try:
+        out = body()
+    except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if isinstance(e, SystemExit) and isinstance(e.code, str):  # SystemExit("message"): print it, as Python does
+            print(e.code, file=sys.stderr)
+        elif not isinstance(e, SystemExit):
+            traceback.print_exc()
+            print(f"error (rank {dist.rank} of {dist.world_size}): {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code or 1)
+    dist.shutdown()
+    return out
 
 
 def init_from_env(timeout_s: float = 300, device: str = "auto") -> Dist:

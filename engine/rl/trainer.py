@@ -215,9 +215,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        # Rank 0 builds the starting checkpoint (tiny model, SFT) while the others wait for its path
-        # (dist_timeout_s must cover the SFT stage); then every rank's random streams start alike.
-        start_dir = Path(dist.broadcast_object(str(self._initial_policy()) if dist.is_main else None))
+        # Every rank builds the starting checkpoint together (SFT data-parallel; rank 0 writes the
+        # folders); then every rank's random streams start alike.
+        start_dir = self._initial_policy()
         if dist.distributed:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
@@ -299,29 +299,42 @@ class Trainer:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def _initial_policy(self) -> Path:
-        """The checkpoint RL starts from (also the frozen reference): the model, after SFT if asked."""
-        cfg = self.cfg
+        """The checkpoint RL starts from (also the frozen reference): the model, after SFT if asked.
+
+        Collective: every rank calls it and runs the SFT stage (data-parallel, engine.sft); rank 0
+        alone writes init/ and sft/, and every rank returns only once they are whole."""
+        cfg, dist = self.cfg, self.dist
         if cfg.model is None:
             base = self.run_dir / "init"
-            if not (base / "config.json").exists():
+            if dist.is_main and not (base / "config.json").exists():
                 create_tiny_checkpoint(base, seed=cfg.seed, **cfg.tiny_model_args)
         else:
             base = Path(cfg.model)
+        sft_dir = self.run_dir / "sft"
+        # Rank 0's view decides whether SFT is done (a rank may not see the file system as rank 0
+        # does); the broadcast also holds the other ranks until init/ is written.
+        done = dist.broadcast_object((sft_dir / "sft_done.json").exists() if dist.is_main else None)
         if cfg.sft_steps == 0:
             return base
-        sft_dir = self.run_dir / "sft"
-        if (sft_dir / "sft_done.json").exists():
+        if done:
             return sft_dir
-        from engine.sft import sft  # the SFT stage shares the optimizer code, not the RL loop
+        from engine.sft import save_checkpoint, sft  # the SFT stage shares the optimizer code, not the RL loop
 
         model, tok = load_model(base, dtype=self.dtype, device=self.device)
+        if cfg.parallel == "fsdp" and dist.distributed:
+            from engine.rl.fsdp import shard_policy
+
+            shard_policy(model)
         t0 = time.perf_counter()
         losses = sft(model, tok, self.task, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-                     seed=cfg.seed, progress=self.progress, items=self.train_items)  # never the validation items
-        model.save_pretrained(str(sft_dir), tokenizer=tok)
-        (sft_dir / "sft_done.json").write_text(json.dumps(
-            {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
-             "seconds": round(time.perf_counter() - t0, 1)}))
+                     seed=cfg.seed, progress=self.progress, items=self.train_items,  # never the validation items
+                     dist=dist)
+        save_checkpoint(model, tok, sft_dir, dist)  # (rank 0 writes; FSDP: gathered first)
+        if dist.is_main:  # written last: its presence means sft/ is whole
+            (sft_dir / "sft_done.json").write_text(json.dumps(
+                {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
+                 "seconds": round(time.perf_counter() - t0, 1), "world_size": dist.world_size}))
+        dist.barrier()  # sft/ is whole before any rank reads it
         return sft_dir
 
     def _make_judge(self, start_dir: Path) -> RuleJudge | ModelJudge:
