@@ -284,6 +284,9 @@ class Trainer:
         world = self.dist.world_size
         if world == 1:
             return
+        if self.cfg.sft_steps and self.cfg.sft_batch_size < world:
+            raise ConfigError(f"sft_batch_size {self.cfg.sft_batch_size} is smaller than the world size {world}: "
+                              f"every rank trains on a share of each SFT batch")
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
