@@ -21,6 +21,8 @@ Test-only hooks (environment variables, read here and nowhere else):
     ENGINE_TEST_REWARD=digit    reward 1 for any response with a digit (a random tiny model then
                                 earns reward about half the time, so short runs do update)
     ENGINE_TEST_FAIL_RANK=r     the grader of rank r raises (checks that a failing rank ends the job)
+    ENGINE_TEST_HANG_ITERATION=n  the grader blocks from training iteration n on (a test kills the
+                                job there, as a lost node would, and resumes it)
 """
 from __future__ import annotations
 
@@ -65,6 +67,15 @@ def _test_hooks(trainer, rank: int) -> None:
     """The ENGINE_TEST_* hooks of the module docstring (tests only)."""
     if os.environ.get("ENGINE_TEST_REWARD") == "digit":
         trainer.task.reward = lambda response, item, finish_reason="stop": float(any(c.isdigit() for c in response))
+    hang = os.environ.get("ENGINE_TEST_HANG_ITERATION")
+    if hang is not None:
+        graded = trainer.task.reward
+
+        def blocking(response, item, finish_reason="stop"):
+            while trainer.iteration >= int(hang):
+                time.sleep(1)
+            return graded(response, item, finish_reason)
+        trainer.task.reward = blocking
     fail = os.environ.get("ENGINE_TEST_FAIL_RANK")
     if fail is not None and int(fail) == rank:
         def broken(response, item, finish_reason="stop"):

@@ -279,6 +279,15 @@ class Trainer:
 
         return gathered(self._fsdp)
 
+    def _release_kv_for_update(self) -> None:
+        """Under FSDP: the KV pool's memory goes to the update (the whole parameters of the
+        generation phase are freed too); the next generate() allocates the pool again. (Not in
+        other modes: their parameters keep their storage, so the Engine's CUDA graphs stay valid,
+        and releasing the pool would make them recapture every iteration; under FSDP the
+        whole parameters are freed and allocated again every iteration anyway.)"""
+        if self._fsdp:
+            self.engine.release_kv_memory()
+
     def _check_world_size(self) -> None:
         """What data parallelism does not support (yet): errors before any work."""
         world = self.dist.world_size
@@ -456,6 +465,7 @@ class Trainer:
         row["sample_tokens_per_s"] = self._sum(e.num_tokens for e in episodes) / times["sample"]
         if cfg.algo in ("restem", "dpo+"):
             generation.close()
+            self._release_kv_for_update()
             return self._offline_iteration(row, episodes, times)
 
         t0 = time.perf_counter()
@@ -466,6 +476,7 @@ class Trainer:
         else:
             mc = self._values_and_advantages(episodes)
         generation.close()
+        self._release_kv_for_update()
         times["judge" if cfg.algo == "capo" else "values"] = time.perf_counter() - t0
         if mc is not None:
             s = self.engine.stats

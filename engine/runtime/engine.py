@@ -174,6 +174,13 @@ class Engine:
         self.tree.reset()
         self._weights_version = self._weights_fingerprint()
 
+    def release_kv_memory(self) -> None:
+        """Free the KV pool's memory until the next generate() (which allocates it again, empty):
+        a trainer calls it before its update, whose activations and gradients then get that memory.
+        The prefix cache is forgotten; CUDA graphs recapture on their next use (the pool moved)."""
+        self.tree.reset()
+        self.pool.release()
+
     @torch.no_grad()
     def generate(
         self,
@@ -195,6 +202,8 @@ class Engine:
         version, firsts = self._weights_fingerprint()
         if version != self._weights_version[0] or not torch.equal(firsts, self._weights_version[1]):
             self.invalidate_cache()  # weights were updated in place since the cache was filled
+        if not self.pool.allocated:  # (released for a training update)
+            self.pool.allocate()
         if self._graphs is not None:
             self._graphs.ensure_valid()
         groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]

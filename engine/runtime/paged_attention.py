@@ -74,7 +74,21 @@ class KVPool:
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        self.kv = torch.zeros(num_layers, 2, num_slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.shape = (num_layers, 2, num_slots, num_kv_heads, head_dim)
+        self.kv = torch.zeros(self.shape, dtype=dtype, device=device)
+
+    @property
+    def allocated(self) -> bool:
+        return self.kv.numel() > 0
+
+    def release(self) -> None:
+        """Give the pool's memory back (its contents are lost); `allocate` brings it back."""
+        self.kv = self.kv.new_empty(0)
+
+    def allocate(self) -> None:
+        """The pool's memory again, zeroed (padding rows read slot 0: it must be finite)."""
+        if not self.allocated:
+            self.kv = torch.zeros(self.shape, dtype=self.kv.dtype, device=self.kv.device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -82,7 +96,7 @@ class KVPool:
 
     @property
     def num_slots(self) -> int:
-        return self.kv.shape[2]
+        return self.shape[2]
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """KV of slots `src` into slots `dst`, in every layer (the partial-page fork)."""

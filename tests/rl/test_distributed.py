@@ -229,6 +229,38 @@ def test_resume_under_torchrun_with_another_world_size(tmp_path, one_process):
     _assert_same_run(one_process("vineppo"), tmp_path / "two")
 
 
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_runs_metrics(tmp_path, one_process):
+    # The graders block in iteration 2 (after iteration 1's checkpoint); the whole job is then
+    # killed with SIGKILL, as a lost node would end it. --resume continues from iteration 1's
+    # checkpoint and ends where the uninterrupted run ends.
+    import signal
+    import time
+
+    run_dir = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "engine.train", *FLAGS, "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_TEST_REWARD": "digit", "ENGINE_TEST_HANG_ITERATION": "2"}
+    env.pop("WORLD_SIZE", None)
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 180
+        while not (latest.exists() and latest.read_text() == "iter_000001"):
+            assert job.poll() is None, job.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of iteration 1 within 180 s"
+            time.sleep(0.2)
+        time.sleep(1.0)  # (both ranks are in iteration 2 now, blocked in their graders)
+        assert job.poll() is None
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    assert [r["iteration"] for r in _rows(run_dir)] == [0, 1]
+    resumed = _launch(run_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    _assert_same_run(one_process("vineppo"), run_dir)
+
+
 def test_a_failing_rank_ends_every_rank(tmp_path):
     # Rank 1's grader raises (in the iteration-0 evaluation): rank 1 exits, rank 0 fails in its
     # next collective (within --dist-timeout-s 30) or is stopped by torchrun; no hang (timeout).

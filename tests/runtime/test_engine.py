@@ -119,6 +119,29 @@ def test_a_pool_ten_times_too_small_gives_the_same_outputs(tiny):
     _pages_balance(small)
 
 
+def test_released_kv_memory_comes_back_empty_on_the_next_generate(tiny):
+    # A trainer frees the pool for its update (parallel fsdp); the next generate allocates it
+    # again, with nothing cached, and samples what a fresh Engine samples.
+    model, tok = tiny
+    prompts = [tok.encode(f"{a}+{a * 3}=") for a in range(4)]
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=5)
+    expected = Engine(model, tok, page_size=4, kv_cache_tokens=1024).generate(prompts, params)
+    engine = Engine(model, tok, page_size=4, kv_cache_tokens=1024)
+    engine.generate(prompts, params)
+    engine.stats.reset()
+    engine.generate(prompts, params)
+    assert engine.stats.cached_tokens > 0  # (without a release the prompts come from the cache)
+    engine.release_kv_memory()
+    assert not engine.pool.allocated and engine.pool.kv.numel() == 0
+    assert engine.pool.num_slots == 1024 and engine.kv_cache_tokens == 1024
+    engine.stats.reset()
+    got = engine.generate(prompts, params)
+    assert engine.pool.allocated and tuple(engine.pool.kv.shape) == engine.pool.shape
+    assert engine.stats.cached_tokens == 0  # the prefix cache was forgotten with the pool
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in expected]
+    _pages_balance(engine)
+
+
 def test_seeded_request_does_not_depend_on_the_batch(tiny):
     model, tok = tiny
     params = SamplingParams(n=2, temperature=0.9, top_p=0.9, top_k=20, max_new_tokens=15, ignore_eos=True, seed=42)
