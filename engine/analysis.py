@@ -518,9 +518,10 @@ penalises every false line, the CAPO runs' judge).
    tokens of a response one advantage: they are at chance by construction.
 3. Gradient noise: per estimator and batch the flattened gradient of the trainer's policy loss
    at ratio 1 (advantages whitened as the trainer whitens them, the trainer's loss aggregation):
-   the mean pairwise cosine between batches, noise-to-signal (mean |g_b - g_mean|^2 / |g_mean|^2,
-   and an unbiased version), the gradient norm, and the cosine of each estimator's mean gradient
-   (and same-batch gradients) to VinePPO's.
+   the mean pairwise cosine between batches, noise-to-signal (mean |g_b - g_mean|^2 / |g_mean|^2:
+   about B - 1 when the batches' gradients are pure noise; and an unbiased version from the
+   off-diagonal dot products), the gradient norm, and the cosine of each estimator's mean
+   gradient (and same-batch gradients) to VinePPO's.
 
 Writes the JSON report (default: <model>/credit-<task>.json), a plot next to it (.png) and
 prints a table.
@@ -627,13 +628,16 @@ def gradient_noise(gram: Sequence[Sequence[float]]) -> dict:
     """Noise statistics of B gradients g_1..g_B of independent batches, from their Gram matrix
     G[i][j] = g_i . g_j (so the gradients themselves need not be kept).
 
-    cosine: the mean cosine similarity over pairs i < j (None when B < 2);
+    cosine: the mean cosine similarity over pairs i < j (None when B < 2); cosine_se: its
+    jackknife standard error over batches (None when B < 3);
     noise_to_signal: mean_i |g_i - g_mean|^2 / |g_mean|^2 (None when g_mean = 0). With few batches
     |g_mean|^2 overstates the signal by the noise / B; so also noise_to_signal_unbiased:
     (mean |g_i|^2 - mean_{i != j} g_i . g_j) / mean_{i != j} g_i . g_j, each term an unbiased
     estimate (for independent batches E g_i . g_j = |E g|^2), None when B < 2 or the signal
     estimate is <= 0 (no signal detectable above the noise);
     grad_norm: the mean |g_i|; mean_grad_norm: |g_mean|.
+    Pure noise (E g = 0) gives cosine ~ 0 and noise_to_signal ~ B - 1 (|g_mean|^2 is then the
+    noise / B): read noise_to_signal against B - 1.
     """
     b = len(gram)
     if b < 1 or any(len(row) != b for row in gram):
@@ -643,11 +647,24 @@ def gradient_noise(gram: Sequence[Sequence[float]]) -> dict:
     noise = sum(diag) / b - mean_sq                                 # mean |g_i - g_mean|^2
     pairs = [(i, j) for i in range(b) for j in range(i + 1, b)]
     norms = [math.sqrt(max(d, 0.0)) for d in diag]
-    cos = [gram[i][j] / (norms[i] * norms[j]) for i, j in pairs if norms[i] > 0 and norms[j] > 0]
+
+    def mean_cos(batches: list[int]) -> float | None:
+        cos = [gram[i][j] / (norms[i] * norms[j]) for n, i in enumerate(batches) for j in batches[n + 1:]
+               if norms[i] > 0 and norms[j] > 0]
+        return sum(cos) / len(cos) if cos else None
+
+    cosine = mean_cos(list(range(b)))
+    # jackknife over batches: the mean pairwise cosine without each batch in turn
+    leave_out = [mean_cos([j for j in range(b) if j != i]) for i in range(b)] if b >= 3 else []
+    cosine_se = None
+    if leave_out and all(c is not None for c in leave_out):
+        centre = sum(leave_out) / b
+        cosine_se = math.sqrt((b - 1) / b * sum((c - centre) ** 2 for c in leave_out))
     signal = sum(gram[i][j] for i, j in pairs) / len(pairs) if pairs else None
     return {
         "batches": b,
-        "cosine": sum(cos) / len(cos) if cos else None,
+        "cosine": cosine,
+        "cosine_se": cosine_se,
         "noise_to_signal": max(noise, 0.0) / mean_sq if mean_sq > 0 else None,
         "noise_to_signal_unbiased": ((sum(diag) / b - signal) / signal if signal is not None and signal > 0
                                      else None),
@@ -787,7 +804,8 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
         "reward_mean": _mean(rewards),
         "steps_per_response": steps_total / len(rewards),
         "advantages": {name: advantage_stats(raw[name], rewards) for name in estimators},
-        "gradient": {"reference": ref, "parameters": int(grads[ref][0].numel()), **noise},
+        "gradient": {"reference": ref, "parameters": int(grads[ref][0].numel()), **noise,
+                     "gram": grams},
         "per_batch": per_batch,
     }
     if mc_rows:
@@ -832,14 +850,16 @@ def format_credit_table(report: dict) -> str:
     est = report["estimators"]
     lines = [f"{report['responses']} responses in {report['batches']} batches, reward {report['reward_mean']:.3f}, "
              f"{report['steps_per_response']:.2f} steps per response",
-             f"{'estimator':<10}{'zero':>8}{'std':>8}{'|A| ok':>8}{'|A| bad':>8}{'cos':>8}{'N/S':>8}{'|g|':>8}"
-             f"{'cos vine':>9}"]
+             f"{'estimator':<10}{'zero':>8}{'std':>8}{'|A| ok':>8}{'|A| bad':>8}{'cos':>8}{'+-':>8}{'N/S':>8}"
+             f"{'|g|':>8}{'cos vine':>9}"]
     for e in est:
         a, g = report["advantages"][e], report["gradient"][e]
         ref = report["gradient"]["reference"]
         lines.append(f"{e:<10}  {f(a['zero_frac'])}  {f(a['std'])}  {f(a['correct_abs_mean'])}  "
-                     f"{f(a['incorrect_abs_mean'])}  {f(g['cosine'])}  {f(g['noise_to_signal'])}  "
+                     f"{f(a['incorrect_abs_mean'])}  {f(g['cosine'])}  {f(g.get('cosine_se'))}  {f(g['noise_to_signal'])}  "
                      f"{f(g['grad_norm'])}  {f(g[f'cosine_to_{ref}_mean'])}")
+    lines.append(f"(cos: mean cosine between batches' gradients; N/S: noise-to-signal, about "
+                 f"{report['batches'] - 1} = batches - 1 for pure noise; cos vine: of the mean gradients)")
     loc = report.get("localisation")
     if loc is not None:
         lines.append(f"localisation over {loc['wrong_responses']} wrong responses with a false line "
@@ -882,13 +902,12 @@ def plot_credit_report(report: dict, path: str | Path) -> Path:
                                 (w, "after_adv", "steps after")):
             b.bar([i + off for i in x], [loc[e][key] or 0.0 for e in est], w, label=label)
         b.axhline(0, color="black", lw=0.8)
-        for i, e in enumerate(est):
-            m = loc[e]
-            b.annotate(f"acc {m['accuracy'] or 0:.2f}\n(~{m['accuracy_random_tiebreak'] or 0:.2f}, "
-                       f"chance {m['chance'] or 0:.2f})", (i, 0), textcoords="offset points", xytext=(0, 8),
-                       ha="center", fontsize=7)
-        b.set_xticks(x, est)
-        b.set_title(f"mean advantage in {loc['wrong_responses']} wrong responses")
+        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        b.set_xticks(x, [f"{e}\nacc {f(loc[e]['accuracy'])} (~{f(loc[e]['accuracy_random_tiebreak'])})"
+                         for e in est], fontsize=8)
+        chance = loc[est[0]]["chance"]
+        b.set_title(f"mean advantage in {loc['wrong_responses']} wrong responses\n"
+                    f"acc: first wrong step lowest (~ ties split), chance {f(chance)}", fontsize=9)
         b.legend(fontsize=8)
     c = axes[-1]
     g = report["gradient"]
@@ -902,7 +921,7 @@ def plot_credit_report(report: dict, path: str | Path) -> Path:
                        ha="center", fontsize=7)
     c.axhline(0, color="black", lw=0.8)
     c.set_xticks(x, est)
-    c.set_title(f"policy gradients, {report['batches']} batches")
+    c.set_title(f"policy gradients, {report['batches']} batches (N/S of pure noise: {report['batches'] - 1})")
     c.legend(fontsize=8)
     fig.suptitle(f"credit assignment: {report['responses']} responses, reward {report['reward_mean']:.3f}")
     fig.tight_layout()

@@ -112,6 +112,7 @@ def test_gradient_noise_identical_gradients_have_no_noise():
     g = torch.tensor([3.0, 4.0, 0.0])
     n = gradient_noise(gram_matrix([g, g, g]))
     assert n["cosine"] == pytest.approx(1.0) and n["noise_to_signal"] == pytest.approx(0.0)
+    assert n["cosine_se"] == pytest.approx(0.0, abs=1e-12)
     assert n["noise_to_signal_unbiased"] == pytest.approx(0.0)
     assert n["grad_norm"] == pytest.approx(5.0) and n["mean_grad_norm"] == pytest.approx(5.0)
 
@@ -134,8 +135,13 @@ def test_gradient_noise_by_hand():
     assert n["cosine"] == pytest.approx((0 + 2 * math.sqrt(0.5)) / 3)
     # off-diagonal mean (0 + 2 + 2) / 3, diagonal mean (4 + 4 + 2) / 3
     assert n["noise_to_signal_unbiased"] == pytest.approx((10 / 3 - 4 / 3) / (4 / 3))
+    # jackknife: without batch 0, 1, 2 the mean cosine is sqrt(.5), sqrt(.5), 0
+    loo = [math.sqrt(0.5), math.sqrt(0.5), 0.0]
+    centre = sum(loo) / 3
+    assert n["cosine_se"] == pytest.approx(math.sqrt(2 / 3 * sum((c - centre) ** 2 for c in loo)))
     one = gradient_noise(gram_matrix([a]))
     assert one["cosine"] is None and one["noise_to_signal"] == 0.0 and one["noise_to_signal_unbiased"] is None
+    assert one["cosine_se"] is None and gradient_noise(gram_matrix([a, b]))["cosine_se"] is None
 
 
 def test_mean_cosine_by_hand():
@@ -194,13 +200,14 @@ def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path):
         assert 0.0 <= a["zero_frac"] <= 1.0 and a["tokens"] > 0
         g = saved["gradient"][e]
         assert g["batches"] == 2 and g["grad_norm"] >= 0.0
-        assert set(g) >= {"cosine", "noise_to_signal", "noise_to_signal_unbiased", "cosine_to_vineppo_mean",
+        assert set(g) >= {"cosine", "cosine_se", "noise_to_signal", "noise_to_signal_unbiased", "cosine_to_vineppo_mean",
                           "cosine_to_vineppo_same_batch"}
         loc = saved["localisation"][e]
         assert set(loc) >= {"first_wrong_adv", "before_adv", "after_adv", "accuracy", "tied_frac",
                             "accuracy_random_tiebreak", "chance", "responses"}
     assert saved["gradient"]["vineppo"]["cosine_to_vineppo_same_batch"] in (None, pytest.approx(1.0))
     assert saved["mc"]["rollouts"] > 0 and saved["gradient"]["parameters"] > 0
+    assert all(len(saved["gradient"]["gram"][e]) == 2 for e in est)     # the batches' dot products
     # the random model answers nothing right: GRPO and RLOO give every token advantage 0
     if saved["reward_mean"] == 0.0:
         assert saved["advantages"]["grpo"]["zero_frac"] == 1.0 and saved["advantages"]["rloo"]["zero_frac"] == 1.0
