@@ -886,7 +886,8 @@ def plot_credit_report(report: dict, path: str | Path) -> Path:
     est = report["estimators"]
     x = list(range(len(est)))
     loc = report.get("localisation")
-    fig, axes = plt.subplots(1, 3 if loc else 2, figsize=(15 if loc else 10, 4))
+    panel = max(5.0, 1.4 * len(est))
+    fig, axes = plt.subplots(1, 3 if loc else 2, figsize=(panel * (3 if loc else 2), 4.3))
     a = axes[0]
     w = 0.27
     adv = report["advantages"]
@@ -915,12 +916,10 @@ def plot_credit_report(report: dict, path: str | Path) -> Path:
     c.bar([i - w / 2 for i in x], [g[e]["cosine"] or 0.0 for e in est], w, label="cosine between batches")
     c.bar([i + w / 2 for i in x], [g[e][f"cosine_to_{ref}_mean"] or 0.0 for e in est], w,
           label=f"cosine of mean to {ref}'s")
-    for i, e in enumerate(est):
-        if g[e]["noise_to_signal"] is not None:
-            c.annotate(f"N/S {g[e]['noise_to_signal']:.1f}", (i, 0), textcoords="offset points", xytext=(0, -12),
-                       ha="center", fontsize=7)
     c.axhline(0, color="black", lw=0.8)
-    c.set_xticks(x, est)
+    ns = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    c.set_xticks(x, [f"{e}\nN/S {ns(g[e]['noise_to_signal'])}" for e in est], fontsize=8)
+    c.set_ylim(top=1.35)  # (cosines <= 1: room for the legend)
     c.set_title(f"policy gradients, {report['batches']} batches (N/S of pure noise: {report['batches'] - 1})")
     c.legend(fontsize=8)
     fig.suptitle(f"credit assignment: {report['responses']} responses, reward {report['reward_mean']:.3f}")
