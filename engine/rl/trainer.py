@@ -448,19 +448,10 @@ class Trainer:
 
         t0 = time.perf_counter()
         self.engine.stats.reset()
-        params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, stop=self.stop)
-        # This rank's contiguous share of the prompts; each prompt seeded by (seed, iteration, its
-        # global index), so its samples are the same whatever the world size and batch.
-        items = self._items_for(self.iteration)
-        lo, hi = self.dist.shard(len(items))
-        base = self._iteration_seed("sample")
         # (FSDP: the whole parameters from sampling to the end of the MC values, one all-gather)
         generation = contextlib.ExitStack()
         generation.enter_context(self._gathered())
-        per_item = [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)] if self.seeded else params
-        episodes = sample_episodes(self.engine, self.task, items[lo:hi], per_item, self.progress and "sampling",
-                                   first_group=lo)
+        episodes = self._sample_episodes()
         times["sample"] = time.perf_counter() - t0
         row["sample_tokens_per_s"] = self._sum(e.num_tokens for e in episodes) / times["sample"]
         if cfg.algo in ("restem", "dpo+"):
@@ -521,6 +512,21 @@ class Trainer:
             lr=self.sched.get_last_lr()[0],
         )
         return row
+
+    def _sample_episodes(self) -> list[Episode]:
+        """This rank's episodes of the current iteration: samples_per_prompt responses to each of
+        its contiguous share of the iteration's prompts, graded. Seeded sampling: each prompt is
+        seeded by (seed, iteration, its global index), so its samples are the same whatever the
+        world size and batch. (Under FSDP, call it inside self._gathered().)"""
+        cfg = self.cfg
+        params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, stop=self.stop)
+        items = self._items_for(self.iteration)
+        lo, hi = self.dist.shard(len(items))
+        base = self._iteration_seed("sample")
+        per_item = [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)] if self.seeded else params
+        return sample_episodes(self.engine, self.task, items[lo:hi], per_item, self.progress and "sampling",
+                               first_group=lo)
 
     # ------------------------------------------------------------------ RestEM and DPO+
     def _offline_iteration(self, row: dict, episodes: list[Episode], times: dict[str, float]) -> dict:
