@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from engine.analysis import (NO_STEPS, binomial_se, constant_mae, estimator_metrics, main, pearson,
-                             ranking_accuracy, value_analysis)
+from engine.analysis import main
+from engine.analysis.values import (NO_STEPS, binomial_se, constant_mae, estimator_metrics, pearson, ranking_accuracy,
+                                    value_analysis)
 from engine.model import create_tiny_checkpoint, load_model
 from engine.runtime import Engine
 from engine.runtime.params import Completion
@@ -237,7 +238,7 @@ def test_critic_dir_without_value_head_is_a_clear_error(model_dir, capsys, tmp_p
 
 
 def test_adaptive_estimates_consume_each_pool_in_order_by_hand():
-    from engine.analysis import adaptive_estimates
+    from engine.analysis.values import adaptive_estimates
     from engine.rl.rollout import AdaptiveK
 
     pools = [[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1]]

@@ -10,9 +10,10 @@ import tempfile
 import pytest
 import torch
 
-from engine.analysis import (CreditCase, _policy_gradient, advantage_stats, credit_config, first_wrong_step,
-                             gradient_noise, gram_matrix, localisation_metrics, main, mean_cosine,
-                             step_mean_advantages)
+from engine.analysis import main
+from engine.analysis.credit import (CreditCase, _policy_gradient, advantage_stats, credit_config, first_wrong_step,
+                                    gradient_noise, gram_matrix, localisation_metrics, mean_cosine,
+                                    step_mean_advantages)
 from engine.model import create_tiny_checkpoint, load_model
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -218,7 +219,7 @@ def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path):
 def test_credit_analysis_on_hand_made_responses(model_dir, monkeypatch):
     """Fixed responses and MC rollouts: the first wrong step of a response with a false line gets
     VinePPO's lowest advantage; GRPO's is one value per response."""
-    from engine.analysis import credit_analysis
+    from engine.analysis.credit import credit_analysis
     from engine.rl import rollout
     from engine.rl.trainer import Trainer
 

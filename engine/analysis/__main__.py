@@ -1,0 +1,3 @@
+from engine.analysis import main
+
+main()
