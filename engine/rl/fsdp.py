@@ -54,16 +54,18 @@ def shard_policy(model: nn.Module) -> list[FSDPModule]:
 
 def shard_value_model(critic: nn.Module) -> list[FSDPModule]:
     """PPO's critic (a transformer `body` and a value `head`) sharded as the policy is, with the
-    critic itself as the root: its forward all-gathers the body's root group and the head."""
-    return _shard(critic, critic.body)
+    critic itself as the root: its forward all-gathers the body's root group. The head is fp32
+    while the body may be bf16, and an FSDP group holds one dtype: it is a group of its own."""
+    return _shard(critic, critic.body, own_groups=[critic.head])
 
 
-def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None = None) -> list[FSDPModule]:
+def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None = None,
+           own_groups: list[nn.Module] = ()) -> list[FSDPModule]:
     unfuse_linears(transformer)
     # the mesh on the model's device type (not FSDP's default, CUDA whenever present)
     mesh = init_device_mesh(next(root.parameters()).device.type, (tdist.get_world_size(),))
-    for layer in transformer.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    for module in [*transformer.model.layers, *own_groups]:
+        fully_shard(module, mesh=mesh, reshard_after_forward=False)
     fully_shard(root, mesh=mesh, reshard_after_forward=False)
     if unshard_method is not None:
         register_fsdp_forward_method(root, unshard_method)

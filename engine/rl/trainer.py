@@ -1119,10 +1119,12 @@ class Trainer:
         path = root / f"iter_{self.iteration:06d}"
         tmp = root / f".tmp_iter_{self.iteration:06d}"
         full = self._full_state_dict()
-        critic_full = self._full_state_dict(self.critic) if self.critic is not None else None
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
+        del full  # (FSDP: one whole model at a time on each rank)
+        critic_full = self._full_state_dict(self.critic) if self.critic is not None else None
+        if self.dist.is_main:
             if self.critic is not None:  # critic/: the body in HF format plus value_head.safetensors
                 from safetensors.torch import save_file
 
@@ -1132,6 +1134,7 @@ class Trainer:
                     if critic_full is not None else self.critic.head.state_dict()
                 self.critic.body.save_pretrained(str(tmp / "critic"), state_dict=body)
                 save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "critic" / "value_head.safetensors"))
+        del critic_full
         fsdp_meta = critic_meta = None
         if self._fsdp:  # every rank writes its shards (DCP) before rank 0 publishes the folder
             from engine.rl.fsdp import save_sharded_state
@@ -1171,6 +1174,10 @@ class Trainer:
         path = root / pointer.read_text().strip()
         # weights_only: plain tensors and containers, no code runs from the file.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        if "fsdp_world_size" in state:
+            raise ConfigError(f"cannot resume {path}: it was written by an earlier version of parallel fsdp "
+                              f"(optimizer_rank<r>.pt files), which this version does not read; start the run "
+                              f"again, or from its weights with --model {path}")
         written = state.get("fsdp")
         if bool(written) != bool(self._fsdp):
             # (FSDP trains the q/k/v and gate/up matrices unfused, so the optimizer state does not
@@ -1235,6 +1242,7 @@ class EpochPicker:
         trainer.engine.invalidate_cache()  # the weights changed since the cache was filled
         acc = trainer.evaluate(splits=("validation",))["eval_validation_accuracy"]
         trainer.engine.invalidate_cache()
+        trainer._release_kv_for_update()  # (FSDP: the evaluation allocated the pool again)
         trainer.policy.train()
         self.accuracies.append(acc)
         self.chosen = restem_pick_epoch(self.accuracies, self.mode)

@@ -218,6 +218,18 @@ def test_ppo_under_fsdp_stops_and_resumes_to_the_weights_of_one_process(tmp_path
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
 
 
+def test_ppo_under_fsdp_in_bfloat16(tmp_path):
+    # The GPU default dtype: a bf16 critic body under an fp32 value head (its own FSDP group,
+    # since a group holds one dtype). It trains, and its checkpoint holds both.
+    out = _launch(tmp_path / "run", "--algo", "ppo", "--parallel", "fsdp", *SMALL, "--dtype", "bfloat16",
+                  "--stop-after", "1")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = _rows(tmp_path / "run")[1]
+    assert row["value_loss"] > 0 and row["critic_grad_norm"] > 0
+    critic = tmp_path / "run" / "checkpoints" / "iter_000001" / "critic"
+    assert (critic / "value_head.safetensors").is_file() and (critic / "model.safetensors").is_file()
+
+
 def test_resume_under_torchrun_with_another_world_size(tmp_path, one_process):
     # Every rank holds the same state, so every rank resumes from the one checkpoint, whichever
     # world size wrote it: here one process runs iteration 1, two ranks run iteration 2.
