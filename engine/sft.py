@@ -129,11 +129,13 @@ def sft(model: Transformer, tokenizer, task: Task, *, steps: int, batch_size: in
 
 
 def full_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
-    """Under FSDP the whole weights (collective: every rank calls it); None for a plain model
-    (save_pretrained then reads the module)."""
+    """Under FSDP the whole weights on rank 0's CPU, {} on the other ranks (collective: every
+    rank calls it); None for a plain model (save_pretrained then reads the module)."""
     if not _fsdp_modules(model):
         return None
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    from engine.rl.fsdp import gather_full_state_dict
+
+    return gather_full_state_dict(model)
 
 
 def save_checkpoint(model: Transformer, tokenizer, out: str | Path, dist: Dist | None = None) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -74,6 +75,12 @@ def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None =
         m.set_gradient_divide_factor(1.0)  # gradients summed over ranks, not averaged
         m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     return modules
+
+
+def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded `module`, by name, on rank 0's CPU ({} on the other ranks):
+    what rank 0 writes as a Hugging Face checkpoint. Collective: every rank calls it."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @contextmanager

@@ -1105,12 +1105,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _full_state_dict(self, module: nn.Module | None = None) -> dict[str, torch.Tensor] | None:
-        """Under FSDP the whole weights of `module` (default the policy; collective: every rank
-        calls it); else None (save_pretrained reads the module)."""
+        """Under FSDP the whole weights of `module` (default the policy) on rank 0's CPU, {} on the
+        other ranks (collective: every rank calls it); else None (save_pretrained reads the module)."""
         if not self._fsdp:
             return None
-        module = self.policy if module is None else module
-        return {k: _full(v) for k, v in module.state_dict().items()}
+        from engine.rl.fsdp import gather_full_state_dict
+
+        return gather_full_state_dict(self.policy if module is None else module)
 
     def save_checkpoint(self) -> Path:
         """checkpoints/iter_NNNNNN: the policy in HF format (+ critic) and trainer_state.pt; then prune.
@@ -1122,7 +1123,7 @@ class Trainer:
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save_pretrained(str(tmp), tokenizer=self.tokenizer, state_dict=full)
-        del full  # (FSDP: one whole model at a time on each rank)
+        del full  # (FSDP: one whole model at a time, on rank 0's CPU)
         critic_full = self._full_state_dict(self.critic) if self.critic is not None else None
         if self.dist.is_main:
             if self.critic is not None:  # critic/: the body in HF format plus value_head.safetensors
