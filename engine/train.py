@@ -69,11 +69,13 @@ def _test_hooks(trainer, rank: int) -> None:
         trainer.task.reward = lambda response, item, finish_reason="stop": float(any(c.isdigit() for c in response))
     hang = os.environ.get("ENGINE_TEST_HANG_ITERATION")
     if hang is not None:
-        graded = trainer.task.reward
+        graded, launcher = trainer.task.reward, os.getppid()
 
         def blocking(response, item, finish_reason="stop"):
             while trainer.iteration >= int(hang):
-                time.sleep(1)
+                if os.getppid() != launcher:  # torchrun was killed: go as a lost node's processes go
+                    os._exit(137)
+                time.sleep(0.2)
             return graded(response, item, finish_reason)
         trainer.task.reward = blocking
     fail = os.environ.get("ENGINE_TEST_FAIL_RANK")

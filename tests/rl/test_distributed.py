@@ -265,7 +265,7 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_runs_metrics(tmp_pat
         time.sleep(1.0)  # (both ranks are in iteration 2 now, blocked in their graders)
         assert job.poll() is None
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        os.killpg(job.pid, signal.SIGKILL)  # (the ranks, in sessions of their own, exit when they see it gone)
         job.wait(timeout=60)
     assert [r["iteration"] for r in _rows(run_dir)] == [0, 1]
     resumed = _launch(run_dir, "--resume")
