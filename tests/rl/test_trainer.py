@@ -291,6 +291,26 @@ def test_resume_refuses_a_changed_config(tmp_path):
         Trainer(fast_config(tmp_path, k=3), resume=True, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_in_the_old_sharded_format(tmp_path):
+    # Before torch.distributed.checkpoint, parallel fsdp saved optimizer_rank<r>.pt files and
+    # marked trainer_state.pt with fsdp_world_size: this version says it cannot read them.
+    Trainer(fast_config(tmp_path, stop_after=1), progress=False).run()
+    state_file = tmp_path / "run" / "checkpoints" / "iter_000001" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["fsdp_world_size"] = 2
+    torch.save(state, state_file)
+    with pytest.raises(ConfigError, match="written by an earlier version of parallel fsdp"):
+        Trainer(fast_config(tmp_path), resume=True, progress=False)
+
+
+def test_an_sft_batch_smaller_than_the_world_size_is_an_error_before_any_work(tmp_path):
+    from engine.rl.distributed import Dist
+
+    with pytest.raises(ConfigError, match="sft_batch_size 1 is smaller than the world size 2"):
+        Trainer(fast_config(tmp_path, sft_steps=3, sft_batch_size=1), progress=False, dist=Dist(world_size=2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer(fast_config(tmp_path, iterations=2))
     real = trainer._token_logprobs
