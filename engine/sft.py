@@ -29,7 +29,7 @@ from tqdm import tqdm
 from engine.evaluate import merge_task_args
 from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.rl.distributed import Dist, init_from_env, run_ranks
-from engine.rl.optim import AdamW, warmup_linear_decay
+from engine.rl.optim import AdamW, clip_grad_norm, warmup_linear_decay
 from engine.tasks import Item, Task, load_task, parse_task_args
 
 
@@ -53,17 +53,6 @@ def _fsdp_modules(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Scale the gradients to a total norm of at most `max_norm`; the norm before clipping.
-
-    FSDP gradients are DTensors (each rank holds a shard): torch's clip_grad_norm_ reduces
-    the shards' norms over the ranks, so the norm (and the scale) is the one-process one."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):  # a DTensor: the norm over every rank's shards
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def sft(model: Transformer, tokenizer, task: Task, *, steps: int, batch_size: int = 64, lr: float = 1e-5,

@@ -79,3 +79,35 @@ def save_hf(tmp_path):
         return model, folder
 
     return _save
+
+
+# The analyses' policy (tests/test_analysis.py, tests/test_credit_analysis.py): the built-in tiny
+# model, small enough for hundreds of rollouts in a test.
+TINY_POLICY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    from engine.model import create_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-policy")
+    create_tiny_checkpoint(folder, seed=0, **TINY_POLICY)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_checkpoint(tiny_policy_dir, tmp_path_factory):
+    """A PPO checkpoint's layout: critic/ = the body in HF format + critic/value_head.safetensors."""
+    from safetensors.torch import save_file
+
+    from engine.model import load_model
+    from engine.rl.trainer import ValueModel
+
+    folder = tmp_path_factory.mktemp("ppo-ckpt")
+    body, _ = load_model(tiny_policy_dir)
+    critic = ValueModel(body, seed=1)
+    body.save_pretrained(str(folder / "critic"))
+    save_file({k: v.contiguous() for k, v in critic.head.state_dict().items()},
+              str(folder / "critic" / "value_head.safetensors"))
+    return folder

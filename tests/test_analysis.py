@@ -11,42 +11,17 @@ import pytest
 from engine.analysis import main
 from engine.analysis.values import (NO_STEPS, binomial_se, constant_mae, estimator_metrics, pearson, ranking_accuracy,
                                     value_analysis)
-from engine.model import create_tiny_checkpoint, load_model
+from engine.model import load_model
 from engine.runtime import Engine
 from engine.runtime.params import Completion
 from engine.tasks import load_task
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
 TASK_ARGS = dict(steps=2, max_operand=9, n_test=8)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-values")
-    create_tiny_checkpoint(folder, seed=0, **TINY)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def critic_dir(model_dir, tmp_path_factory):
-    """A PPO checkpoint's layout: critic/ = the body in HF format + critic/value_head.safetensors."""
-    from safetensors.torch import save_file
-
-    from engine.rl.trainer import ValueModel
-
-    folder = tmp_path_factory.mktemp("ppo-ckpt")
-    body, tok = load_model(model_dir)
-    critic = ValueModel(body, seed=1)
-    body.save_pretrained(str(folder / "critic"))
-    save_file({k: v.contiguous() for k, v in critic.head.state_dict().items()},
-              str(folder / "critic" / "value_head.safetensors"))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    model, tok = load_model(model_dir)
+def engine(tiny_policy_dir):
+    model, tok = load_model(tiny_policy_dir)
     return Engine(model, tok, kv_cache_tokens=4096)
 
 
@@ -173,7 +148,7 @@ def test_no_states_is_a_clear_error(engine):
 
 # ---------------------------------------------------------------------------- the CLI
 
-def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path, monkeypatch):
+def test_cli_end_to_end_with_a_critic(tiny_policy_dir, tiny_ppo_checkpoint, tmp_path, monkeypatch):
     counts = Counter()
     real = Engine.generate
 
@@ -185,9 +160,9 @@ def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path, monkeypat
     monkeypatch.setattr(Engine, "generate", counting)
     out = tmp_path / "report.json"
     M, R, A, S = 4, 2, 2, 2
-    report = main(["values", "--model", str(model_dir), "--task", "arithmetic", "--task-args", json.dumps(TASK_ARGS),
+    report = main(["values", "--model", str(tiny_policy_dir), "--task", "arithmetic", "--task-args", json.dumps(TASK_ARGS),
                    "--items", "4", "--states", "6", "--truth-rollouts", str(M), "--k", "1", "3", "--repeats", str(R),
-                   "--critic", str(critic_dir), "--ranking-states", str(S), "--alternatives", str(A),
+                   "--critic", str(tiny_ppo_checkpoint), "--ranking-states", str(S), "--alternatives", str(A),
                    "--temperature", "1.0", "--max-new-tokens", "20", "--quiet", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert (tmp_path / "report.png").stat().st_size > 0
@@ -198,7 +173,7 @@ def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path, monkeypat
     assert all(0.0 <= v <= 1.0 for v in saved["mae"].values())
     assert isinstance(saved["ranking_pairs"], int) and isinstance(saved["constant_mae"], float)
     assert saved["truth_rollouts"] == M and saved["repeats"] == R and saved["seconds"] > 0
-    assert saved["config"]["k"] == [1, 3] and saved["config"]["critic"] == str(critic_dir)
+    assert saved["config"]["k"] == [1, 3] and saved["config"]["critic"] == str(tiny_ppo_checkpoint)
     assert saved["states"] == min(6, saved["candidate_states"]) and saved["mae"] == report["mae"]
     # every rollout accounted for: responses, states * (M + R * sum K), then the ranking's
     alts = saved["ranking_alternatives"]
@@ -228,10 +203,10 @@ def test_missing_model_dir_is_a_clear_error(capsys, tmp_path):
     assert e.value.code == 2 and "model directory" in capsys.readouterr().err
 
 
-def test_critic_dir_without_value_head_is_a_clear_error(model_dir, capsys, tmp_path):
+def test_critic_dir_without_value_head_is_a_clear_error(tiny_policy_dir, capsys, tmp_path):
     (tmp_path / "ckpt" / "critic").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
-        main(["values", "--model", str(model_dir), "--task", "arithmetic", "--states", "2", "--truth-rollouts", "2",
+        main(["values", "--model", str(tiny_policy_dir), "--task", "arithmetic", "--states", "2", "--truth-rollouts", "2",
               "--k", "1", "--critic", str(tmp_path / "ckpt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(tmp_path / "ckpt" / "critic" / "value_head.safetensors") in err

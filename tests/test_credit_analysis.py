@@ -9,39 +9,15 @@ import tempfile
 
 import pytest
 import torch
+from conftest import TINY_POLICY
 
 from engine.analysis import main
 from engine.analysis.credit import (CreditCase, _policy_gradient, advantage_stats, credit_config, first_wrong_step,
                                     gradient_noise, gram_matrix, localisation_metrics, mean_cosine,
                                     step_mean_advantages)
-from engine.model import create_tiny_checkpoint, load_model
+from engine.model import create_tiny_checkpoint
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
 TASK_ARGS = dict(steps=2, max_operand=9, n_train=200, n_test=8)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-credit")
-    create_tiny_checkpoint(folder, seed=0, **TINY)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def critic_dir(model_dir, tmp_path_factory):
-    """A PPO checkpoint's layout: critic/ = the body in HF format + critic/value_head.safetensors."""
-    from safetensors.torch import save_file
-
-    from engine.rl.trainer import ValueModel
-
-    folder = tmp_path_factory.mktemp("ppo-ckpt")
-    body, _ = load_model(model_dir)
-    critic = ValueModel(body, seed=1)
-    body.save_pretrained(str(folder / "critic"))
-    save_file({k: v.contiguous() for k, v in critic.head.state_dict().items()},
-              str(folder / "critic" / "value_head.safetensors"))
-    return folder
 
 
 # ---------------------------------------------------------------------------- the statistics by hand
@@ -157,12 +133,12 @@ def test_mean_cosine_by_hand():
 
 # ---------------------------------------------------------------------------- the gradient is the loss's
 
-def test_policy_gradient_is_the_token_mean_surrogate_at_ratio_one(model_dir):
+def test_policy_gradient_is_the_token_mean_surrogate_at_ratio_one(tiny_policy_dir):
     """-(1/N) sum_t A_t grad log pi(y_t) over the batch's N response tokens, micro-batches or not."""
     from engine.rl.trainer import Packed, Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = credit_config(str(model_dir), "arithmetic", TASK_ARGS, prompts=3, samples=2, k=1, max_new_tokens=12,
+        cfg = credit_config(str(tiny_policy_dir), "arithmetic", TASK_ARGS, prompts=3, samples=2, k=1, max_new_tokens=12,
                             run_dir=run_dir, kv_cache_tokens=4096)
         assert cfg.micro_batch_size == 6 and cfg.minibatch_size == 6 and cfg.kl_coef == 0.0
         trainer = Trainer(cfg, progress=False)
@@ -186,11 +162,11 @@ def test_policy_gradient_is_the_token_mean_surrogate_at_ratio_one(model_dir):
 
 # ---------------------------------------------------------------------------- the CLI
 
-def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path):
+def test_cli_end_to_end_with_a_critic(tiny_policy_dir, tiny_ppo_checkpoint, tmp_path):
     out = tmp_path / "credit.json"
-    report = main(["credit", "--model", str(model_dir), "--task", "arithmetic", "--task-args", json.dumps(TASK_ARGS),
+    report = main(["credit", "--model", str(tiny_policy_dir), "--task", "arithmetic", "--task-args", json.dumps(TASK_ARGS),
                    "--prompts", "3", "--samples", "2", "--k", "2", "--batches", "2", "--temperature", "1.0",
-                   "--max-new-tokens", "16", "--critic", str(critic_dir), "--quiet", "--out", str(out)])
+                   "--max-new-tokens", "16", "--critic", str(tiny_ppo_checkpoint), "--quiet", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert (tmp_path / "credit.png").stat().st_size > 0
     est = ["vineppo", "grpo", "rloo", "ppo", "capo"]
@@ -212,11 +188,11 @@ def test_cli_end_to_end_with_a_critic(model_dir, critic_dir, tmp_path):
     # the random model answers nothing right: GRPO and RLOO give every token advantage 0
     if saved["reward_mean"] == 0.0:
         assert saved["advantages"]["grpo"]["zero_frac"] == 1.0 and saved["advantages"]["rloo"]["zero_frac"] == 1.0
-    assert saved["config"]["critic"] == str(critic_dir) and saved["advantages"] == report["advantages"]
+    assert saved["config"]["critic"] == str(tiny_ppo_checkpoint) and saved["advantages"] == report["advantages"]
     assert saved["localisation"]["tie_rule"]
 
 
-def test_credit_analysis_on_hand_made_responses(model_dir, monkeypatch):
+def test_credit_analysis_on_hand_made_responses(tiny_policy_dir, monkeypatch):
     """Fixed responses and MC rollouts: the first wrong step of a response with a false line gets
     VinePPO's lowest advantage; GRPO's is one value per response."""
     from engine.analysis.credit import credit_analysis
@@ -224,7 +200,7 @@ def test_credit_analysis_on_hand_made_responses(model_dir, monkeypatch):
     from engine.rl.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = credit_config(str(model_dir), "arithmetic", TASK_ARGS, prompts=2, samples=2, k=2, max_new_tokens=16,
+        cfg = credit_config(str(tiny_policy_dir), "arithmetic", TASK_ARGS, prompts=2, samples=2, k=2, max_new_tokens=16,
                             run_dir=run_dir, kv_cache_tokens=4096)
         trainer = Trainer(cfg, progress=False)
         tok = trainer.tokenizer
@@ -282,21 +258,21 @@ def test_bad_counts_fail_before_loading_anything(flag, value, capsys, tmp_path):
     assert "error:" in err and flag in err and "no-such-model" not in err   # the count, before the model
 
 
-def test_missing_model_and_unknown_task_are_clear_errors(capsys, tmp_path, model_dir):
+def test_missing_model_and_unknown_task_are_clear_errors(capsys, tmp_path, tiny_policy_dir):
     with pytest.raises(SystemExit) as e:
         main(["credit", "--model", str(tmp_path / "nope"), "--task", "arithmetic"])
     assert e.value.code == 2 and "model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["credit", "--model", str(model_dir), "--task", "gsm9k"])
+        main(["credit", "--model", str(tiny_policy_dir), "--task", "gsm9k"])
     assert e.value.code == 2 and "unknown task 'gsm9k'" in capsys.readouterr().err
     (tmp_path / "ckpt" / "critic").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
-        main(["credit", "--model", str(model_dir), "--task", "arithmetic", "--critic", str(tmp_path / "ckpt")])
+        main(["credit", "--model", str(tiny_policy_dir), "--task", "arithmetic", "--critic", str(tmp_path / "ckpt")])
     assert e.value.code == 2 and "value_head.safetensors" in capsys.readouterr().err
 
 
 def test_a_task_without_the_line_checker_skips_localisation_with_a_note(tmp_path):
-    create_tiny_checkpoint(tmp_path / "m", seed=0, **{**TINY, "max_position_embeddings": 1024})  # GSM8K prompts
+    create_tiny_checkpoint(tmp_path / "m", seed=0, **{**TINY_POLICY, "max_position_embeddings": 1024})  # GSM8K prompts
     out = tmp_path / "gsm8k.json"
     report = main(["credit", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--task-args", "{data: sample}",
                    "--prompts", "2", "--samples", "2", "--k", "1", "--batches", "1", "--max-new-tokens", "8",

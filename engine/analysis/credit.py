@@ -34,7 +34,6 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -43,7 +42,9 @@ from pathlib import Path
 
 import torch
 
+from engine.analysis.common import write_report
 from engine.analysis.values import Critic, _mean, critic_folder
+from engine.rl.plots import pyplot, save_figure
 
 CREDIT_ESTIMATORS = ("vineppo", "grpo", "rloo")   # and "ppo" with a critic, "capo" (the rule judge) on arithmetic
 ALL_CREDIT_ESTIMATORS = (*CREDIT_ESTIMATORS, "ppo", "capo")
@@ -397,10 +398,7 @@ def format_credit_table(report: dict) -> str:
 
 
 def plot_credit_report(report: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     est = report["estimators"]
     x = list(range(len(est)))
@@ -442,11 +440,7 @@ def plot_credit_report(report: dict, path: str | Path) -> Path:
     c.set_title(f"policy gradients, {report['batches']} batches (N/S of pure noise: {report['batches'] - 1})")
     c.legend(fontsize=8)
     fig.suptitle(f"credit assignment: {report['responses']} responses, reward {report['reward_mean']:.3f}")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -507,10 +501,4 @@ def credit_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
         report["localisation_note"] = NOT_ARITHMETIC.format(task=args.task)
     report["config"] = {k: v for k, v in vars(args).items() if k != "command"}
     path = Path(args.out) if args.out else Path(args.model) / f"credit-{args.task}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    plot = plot_credit_report(report, path.with_suffix(".png"))
-    print(format_credit_table(report))
-    print(f"-> {path}, {plot}")
-    report["path"], report["plot"] = str(path), str(plot)
-    return report
+    return write_report(report, path, plot_credit_report, format_credit_table)

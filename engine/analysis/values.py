@@ -35,7 +35,6 @@ and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -46,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from engine.analysis.common import write_report
+from engine.rl.plots import pyplot, save_figure
 from engine.rl.rollout import AdaptiveK, allocate_rollouts, response_text, sample_episodes
 from engine.rl.steps import step_token_ends
 from engine.runtime import Engine, SamplingParams
@@ -453,10 +454,7 @@ def format_table(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = report["ks"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -483,11 +481,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     b.set_ylabel("estimate")
     b.legend()
     fig.suptitle(f"value prediction: {report['states']} states, V* from {report['truth_rollouts']} rollouts")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=100)
 
 
 def values_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
@@ -545,10 +539,4 @@ def values_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
     config = {k: v for k, v in vars(args).items() if k != "command"}
     report = {**report, "config": config, "seconds": round(time.perf_counter() - t0, 3)}
     path = Path(args.out) if args.out else Path(args.model) / f"values-{args.task}-{args.split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    plot = plot_report(report, path.with_suffix(".png"))
-    print(format_table(report))
-    print(f"-> {path}, {plot}")
-    report["path"], report["plot"] = str(path), str(plot)
-    return report
+    return write_report(report, path, plot_report, format_table)

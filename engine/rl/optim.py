@@ -83,6 +83,17 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale the gradients to a total norm of at most `max_norm`; the norm before clipping.
+
+    FSDP gradients are DTensors (each rank holds a shard): torch's clip_grad_norm_ reduces
+    the shards' norms over the ranks, so the norm (and the scale) is the one-process one."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor: the norm over every rank's shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 WARMUP_TYPES = ("linear", "log")
 
 

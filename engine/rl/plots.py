@@ -26,14 +26,22 @@ PANELS = [
 ]
 
 
-def _save(fig, out: str | Path) -> Path:
-    """Lay out, write and close a figure; its path."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; its path."""
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
     return out
 
 
@@ -62,10 +70,7 @@ def _elapsed(rows: list[dict]) -> list[dict]:
 
 def plot_metrics(metrics: str | Path, out: str | Path, title: str = "") -> Path:
     """A grid of the run's main curves against the iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_metrics(metrics)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
@@ -80,16 +85,13 @@ def plot_metrics(metrics: str | Path, out: str | Path, title: str = "") -> Path:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    out = _save(fig, out)
+    out = save_figure(fig, out)
     return out
 
 
 def plot_comparison(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Held-out accuracy and train reward of several runs, against iterations and wall-clock minutes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(labels) if labels else [Path(r).name for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -105,7 +107,7 @@ def plot_comparison(runs: Sequence[str | Path], out: str | Path, labels: Sequenc
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend()
-    out = _save(fig, out)
+    out = save_figure(fig, out)
     return out
 
 
@@ -154,10 +156,7 @@ def plot_groups(groups: Mapping[str, Sequence[str | Path]], out: str | Path, key
 
     The aggregate is written as JSON next to the PNG (same stem, .json). Returns the PNG path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     agg = aggregate_runs(groups, key)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -180,7 +179,7 @@ def plot_groups(groups: Mapping[str, Sequence[str | Path]], out: str | Path, key
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()
-    out = _save(fig, out)
+    out = save_figure(fig, out)
     out.with_suffix(".json").write_text(json.dumps(agg, indent=2) + "\n")
     return out
 

@@ -65,7 +65,7 @@ from engine.rl.loss import aggregate, ppo_loss
 from engine.rl.capo import flag_counts, group_token_advantages, rule_wrong_steps, token_rewards, vote
 from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
 from engine.rl.offline import dpo_pairs, dpop_loss, restem_pick_epoch, restem_select
-from engine.rl.optim import AdamW, warmup_linear_decay
+from engine.rl.optim import AdamW, clip_grad_norm, warmup_linear_decay
 from engine.rl.rollout import AdaptiveK, Episode, MCStats, mc_values, sample_episodes
 from engine.rl.steps import step_spans, step_token_ends
 from engine.runtime import Engine, SamplingParams
@@ -648,14 +648,14 @@ class Trainer:
                         for k, v in part.items():
                             summed[k] = summed.get(k, 0.0) + v
                     stats = summed
-                grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
-                if not torch.isfinite(grad_norm):
+                grad_norm = clip_grad_norm(self.policy.parameters(), cfg.grad_clip)
+                if not math.isfinite(grad_norm):
                     raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and "
                                            f"the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
                 lr = self.sched.get_last_lr()[0]
                 self.opt.step()
                 self.sched.step()
-                stats["grad_norm"] = float(grad_norm)
+                stats["grad_norm"] = grad_norm
                 steps_done += 1
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -967,21 +967,21 @@ class Trainer:
             for part in parts:
                 for k, v in part.items():
                     totals[k] = max(totals.get(k, 0.0), v) if k == "ratio_max" else totals.get(k, 0.0) + v
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip))
-        if not torch.isfinite(grad_norm):
+        grad_norm = clip_grad_norm(self.policy.parameters(), cfg.grad_clip)
+        if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at {where}; the update was not applied and the last "
                                    f"checkpoint in {self.run_dir / 'checkpoints'} is kept")
         if self.critic is not None:
-            critic_norm = _full(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip))
-            if not torch.isfinite(critic_norm):
+            critic_norm = clip_grad_norm(self.critic.parameters(), cfg.grad_clip)
+            if not math.isfinite(critic_norm):
                 raise TrainingDiverged(f"non-finite critic gradient norm at {where}; the update was not applied "
                                        f"and the last checkpoint in {self.run_dir / 'checkpoints'} is kept")
-            totals["critic_grad_norm"] = float(critic_norm)
+            totals["critic_grad_norm"] = critic_norm
             self.critic_opt.step()
             self.critic_sched.step()
         self.opt.step()
         self.sched.step()
-        totals["grad_norm"] = float(grad_norm)
+        totals["grad_norm"] = grad_norm
         return totals
 
     def _fsdp_zero_backward(self, episode: Episode | None = None, critic: bool = False) -> None:
@@ -1273,11 +1273,6 @@ class EpochPicker:
 def _local(p: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP (DTensor) parameter; a plain tensor as it is."""
     return p.to_local() if hasattr(p, "to_local") else p
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """A reduced DTensor (FSDP's gradient norm, over every rank's shards) as a plain tensor."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
 def _chunks(xs: list, size: int):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 from engine.rl.distributed import Dist, init_from_env
+from torchrun_helpers import launch_command, launch_env, read_weights
 
 pytestmark = pytest.mark.distributed
 
@@ -40,31 +39,15 @@ REWARD_KEYS = ("reward_mean", "train_accuracy", "response_length", "truncated_fr
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(run_dir: Path, *extra: str, nproc: int = 2, env: dict | None = None, timeout: float = 240):
     """`python -m engine.train` (nproc 1) or torchrun with `nproc` ranks; the CompletedProcess."""
-    cmd = [sys.executable, "-m", "engine.train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train"]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_TEST_REWARD": "digit", **(env or {})}
-    full_env.pop("WORLD_SIZE", None)
-    return subprocess.run(cmd + FLAGS + ["--run-dir", str(run_dir), *extra], cwd=ROOT, env=full_env,
+    return subprocess.run(launch_command("engine.train", nproc) + FLAGS + ["--run-dir", str(run_dir), *extra],
+                          cwd=ROOT, env=launch_env(ENGINE_TEST_REWARD="digit", **(env or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted((run_dir / "final").glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    assert out, f"no weights in {run_dir / 'final'}"
-    return out
+    return read_weights(run_dir / "final")
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -249,10 +232,8 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_runs_metrics(tmp_pat
     import time
 
     run_dir = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "engine.train", *FLAGS, "--run-dir", str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_TEST_REWARD": "digit", "ENGINE_TEST_HANG_ITERATION": "2"}
-    env.pop("WORLD_SIZE", None)
+    cmd = launch_command("engine.train", 2) + FLAGS + ["--run-dir", str(run_dir)]
+    env = launch_env(ENGINE_TEST_REWARD="digit", ENGINE_TEST_HANG_ITERATION="2")
     job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 
 from engine.rl.distributed import Dist, run_ranks
+from torchrun_helpers import launch_command, launch_env, read_weights
 
 pytestmark = pytest.mark.distributed
 
@@ -32,36 +30,16 @@ SFT_FLAGS = ["--task", "arithmetic", "--task-args", TASK, "--tiny-model-args", T
              "--batch-size", "7", "--lr", "3e-3", "--grad-clip", "0.5", "--seed", "3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(module: str, args: list[str], nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python -m module` (nproc 1) or torchrun with `nproc` ranks; the CompletedProcess."""
-    cmd = [sys.executable, "-m", module] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    out = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(launch_command(module, nproc) + args, cwd=ROOT, env=launch_env(), capture_output=True,
+                         text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    assert out, f"no weights in {folder}"
-    return out
-
-
 def _assert_same_weights(a: Path, b: Path, init: Path) -> None:
-    wa, wb, w0 = _weights(a), _weights(b), _weights(init)
+    wa, wb, w0 = read_weights(a), read_weights(b), read_weights(init)
     assert wa.keys() == wb.keys() == w0.keys()
     assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-3  # it trained
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
