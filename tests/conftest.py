@@ -87,6 +87,13 @@ TINY_POLICY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
 
 
+@pytest.fixture
+def tiny_policy_args() -> dict:
+    """TINY_POLICY for a test's own variant (test modules cannot import this conftest by name:
+    tests/runtime has one too)."""
+    return dict(TINY_POLICY)
+
+
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory):
     from engine.model import create_tiny_checkpoint

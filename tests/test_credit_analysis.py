@@ -9,7 +9,6 @@ import tempfile
 
 import pytest
 import torch
-from conftest import TINY_POLICY
 
 from engine.analysis import main
 from engine.analysis.credit import (CreditCase, _policy_gradient, advantage_stats, credit_config, first_wrong_step,
@@ -271,8 +270,8 @@ def test_missing_model_and_unknown_task_are_clear_errors(capsys, tmp_path, tiny_
     assert e.value.code == 2 and "value_head.safetensors" in capsys.readouterr().err
 
 
-def test_a_task_without_the_line_checker_skips_localisation_with_a_note(tmp_path):
-    create_tiny_checkpoint(tmp_path / "m", seed=0, **{**TINY_POLICY, "max_position_embeddings": 1024})  # GSM8K prompts
+def test_a_task_without_the_line_checker_skips_localisation_with_a_note(tmp_path, tiny_policy_args):
+    create_tiny_checkpoint(tmp_path / "m", seed=0, **{**tiny_policy_args, "max_position_embeddings": 1024})  # GSM8K prompts
     out = tmp_path / "gsm8k.json"
     report = main(["credit", "--model", str(tmp_path / "m"), "--task", "gsm8k", "--task-args", "{data: sample}",
                    "--prompts", "2", "--samples", "2", "--k", "1", "--batches", "1", "--max-new-tokens", "8",
