@@ -7,15 +7,15 @@
 
 Three sweeps, each method on the same inputs in the same process:
 - decode: B in {64, 256, 512} sequences, every one with context L in {512, 1024, 2048, 4096}:
-  kernels.decode_attention (Triton split-K) vs decode_attention_reference (torch), SDPA and
+  engine.kernels.decode_attention (Triton split-K) vs decode_attention_reference (torch), SDPA and
   FlexAttention (torch.compile'd flex_attention).
 - shared: B = G x K rows, G groups of K in {1, 4, 9, 16} siblings sharing a prefix of
   {300, 800, 1300} tokens, each with its own suffix of 0..max_suffix (200) tokens, laid out as
   the engine forks (siblings share the prefix's full pages, own a copy of a partial last page
-  and their own pages after it): kernels.shared_prefix_decode_attention vs plain
+  and their own pages after it): engine.kernels.shared_prefix_decode_attention vs plain
   decode_attention (the speedup) vs the torch reference, SDPA and FlexAttention.
 - tree: VinePPO's MC batch: E episodes x S nested states (state s = the prompt + s steps of the
-  response) x K rollouts, each with its own suffix: kernels.cascade_decode_attention on the
+  response) x K rollouts, each with its own suffix: engine.kernels.cascade_decode_attention on the
   engine's layout (engine.runtime.batch.cascade_layout: every shared page once) vs the same
   kernel capped at one level (only the prompt shared: what a one-level grouping reads) vs plain
   decode_attention. `read/ideal` is the KV each method reads over every distinct page once.
@@ -190,8 +190,8 @@ def make_flex(a: dict, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable | Non
 
 
 def methods(a: dict, sweep: str, use_flex: bool) -> dict[str, tuple[Callable | None, str]]:
-    from kernels.decode_attention import decode_attention, decode_attention_reference
-    from kernels.shared_prefix_attention import (
+    from engine.kernels.decode_attention import decode_attention, decode_attention_reference
+    from engine.kernels.shared_prefix_attention import (
         shared_prefix_decode_attention,
         shared_prefix_decode_attention_reference,
     )
@@ -199,7 +199,7 @@ def methods(a: dict, sweep: str, use_flex: bool) -> dict[str, tuple[Callable | N
     args = paged_args(a)
     table: dict[str, tuple[Callable | None, str]] = {}
     if sweep == "tree":
-        from kernels.shared_prefix_attention import cascade_decode_attention
+        from engine.kernels.shared_prefix_attention import cascade_decode_attention
 
         for name in ("cascade", "one-level"):
             table[name] = (lambda layout=a[name]: cascade_decode_attention(*args, *layout)), ""

@@ -7,11 +7,11 @@
 Why: the kernels run under the Triton interpreter on CI machines, which accepts code that
 the GPU compiler rejects and says nothing about register pressure. Triton's compiler and its
 bundled ptxas run on a CPU, so every kernel can be compiled for sm_80 / sm_90 with the tiles its
-launcher picks on CUDA (kernels.aot captures the launchers' own launches), and the cubin says
+launcher picks on CUDA (engine.kernels.aot captures the launchers' own launches), and the cubin says
 what it costs: registers per thread, bytes spilled to local memory, shared memory per block
 (dynamic + static, against the per-block opt-in maximum: 163 KiB on sm_80, 227 KiB on sm_90).
 
-Matrix (kernels.aot.full_matrix): decode (one split; 64 splits + merge; sliding window),
+Matrix (engine.kernels.aot.full_matrix): decode (one split; 64 splits + merge; sliding window),
 shared-prefix decode, extend (long chunk, sliding window, 16-token chunk), store_kv,
 merge_states and fused log-probs (with and without entropy); head_dim 64 / 128, 1 / 4 / 8
 query heads per KV head, page size 16 / 32 where the op's code depends on them; bf16 and fp32
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kernels import aot
+from engine.kernels import aot
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "compile_report.json"
@@ -98,7 +98,7 @@ def markdown(report: dict) -> str:
              f"- Compiler: Triton {report['triton']} and its bundled ptxas on a CPU-only machine ({report['host']}); "
              f"{len(report['scenarios'])} scenarios, {len(compiles)} distinct compiles "
              f"({report['cache_hits']} from Triton's cache), {report['wall_s']:.0f} s", "",
-             "Each kernel with the tiles its launcher picks on CUDA (kernels/aot.py captures the launches): "
+             "Each kernel with the tiles its launcher picks on CUDA (engine/kernels/aot.py captures the launches): "
              "registers per thread, bytes spilled (ptxas' spill stores / loads, read from the cubin's STL / LDL "
              "instructions) and shared memory per block (dynamic + static). fp32 rows are fp32 inputs (the "
              "launchers' IEEE correctness path); bf16 rows are the production path.", "",

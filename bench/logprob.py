@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from kernels import fused_logprobs, fused_logprobs_reference
+from engine.kernels import fused_logprobs, fused_logprobs_reference
 
 FULL = dict(n=[4096, 16384, 32768], d=[1024, 2048, 4096], v=[32000, 151936])
 QUICK = dict(n=[512, 2048], d=[128], v=[8192, 32768])

@@ -6,7 +6,7 @@
 Two figures, both from this process:
 
 1. Time of one residual add + RMSNorm, bf16, at the presets' hidden sizes (2048: Llama-1.1B,
-   1536: Qwen2.5-1.5B) and decode-sized row counts: `kernels.fused_add_rms_norm` (one Triton
+   1536: Qwen2.5-1.5B) and decode-sized row counts: `engine.kernels.fused_add_rms_norm` (one Triton
    kernel on CUDA) against what the model ran before (`x + residual`, then the RMSNorm
    module's torch ops), as a ratio, with the fused kernel's share of the HBM bound (it
    reads x and residual and writes the output and the new residual: 4 * rows * hidden * 2 B).
@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import engine.model.transformer as tr
 from engine.model import Transformer, tiny_config
 from engine.model.rope import apply_rope
-from kernels.rmsnorm import fused_add_rms_norm
+from engine.kernels.rmsnorm import fused_add_rms_norm
 
 OUT = Path(__file__).resolve().parent / "results" / "norm.json"
 HIDDEN = (2048, 1536)

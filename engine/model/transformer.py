@@ -16,7 +16,7 @@ Fewer kernels per layer:
   blocks of one storage (see engine/model/fused_linear.py for the invariant and how
   `.to()`, checkpoint loads and the optimizer keep it).
 - Without autograd (`Backbone.forward` under no_grad: the engine), each residual add and the
-  RMSNorm after it are one `kernels.rmsnorm.fused_add_rms_norm` (Triton on CUDA, its torch
+  RMSNorm after it are one `engine.kernels.rmsnorm.fused_add_rms_norm` (Triton on CUDA, its torch
   twin elsewhere): the residual stream is carried next to the normed activations and the
   next layer's input norm is fused into this layer's last add. `hidden_states` (the trainer's
   path, with or without grad) always runs the unfused torch norms, so PPO's old (no_grad)
@@ -39,7 +39,7 @@ from engine.model.attention import (
 from engine.model.config import ModelConfig
 from engine.model.fused_linear import FusedLinears
 from engine.model.rope import apply_rope, inv_freq_and_scale, rope_cos_sin
-from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference
+from engine.kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference
 
 
 class RMSNorm(nn.Module):

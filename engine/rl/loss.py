@@ -162,7 +162,7 @@ def ppo_loss(
     """Clipped-surrogate PPO loss (scalar, to minimise) and its logging statistics.
 
     logprobs [B, T] carry the gradient; old_logprobs, advantages and ref_logprobs are
-    constants (detached here). `entropy` [B, T] (e.g. from `kernels.fused_logprobs(...,
+    constants (detached here). `entropy` [B, T] (e.g. from `engine.kernels.fused_logprobs(...,
     with_entropy=True)`) is needed when entropy_coef != 0 and is reported when given.
     `kl_aggregation` defaults to `aggregation`; VinePPO uses "seq-mean-token-sum" for KL.
     num_tokens / num_seqs: the token and sequence counts of the whole minibatch when this call

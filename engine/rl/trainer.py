@@ -71,7 +71,7 @@ from engine.rl.steps import step_spans, step_token_ends
 from engine.runtime import Engine, SamplingParams
 from engine.runtime.params import mix_seed
 from engine.tasks import Item, Task, TaskDataError, load_task
-from kernels.fused_logprobs import fused_logprobs
+from engine.kernels.fused_logprobs import fused_logprobs
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"  # parallel fsdp: the parameter and optimizer shards (torch.distributed.checkpoint)

@@ -124,7 +124,7 @@ class StepBatch:
     max_seqlen_q: int = 0
     max_decode_kv_len: int = 0
     max_extend_kv_len: int = 0
-    cascade_levels: int = 0   # levels of nested sharing (kernels.shared_prefix_attention)
+    cascade_levels: int = 0   # levels of nested sharing (engine.kernels.shared_prefix_attention)
     num_segments: int = 0     # shared ranges, each read once for its rows
     grouped_rows: int = 0     # decode rows that share at least one range
 
@@ -209,7 +209,7 @@ def _set_decode(batch: StepBatch, token_index: np.ndarray, tables: np.ndarray, e
 
 
 def cascade_layout(tables, kv_lens, page_size: int, min_prefix_tokens: int, max_levels: int = MAX_CASCADE_LEVELS):
-    """The shared-prefix tree of a decode batch, as cascade segments (kernels.shared_prefix_attention).
+    """The shared-prefix tree of a decode batch, as cascade segments (engine.kernels.shared_prefix_attention).
 
     tables [B, M] page ids (entries past a row's ceil(kv_len / page_size) pages are ignored),
     kv_lens [B] context lengths including the current token; numpy arrays or CPU tensors.

@@ -9,7 +9,7 @@ a radix tree of cached prefixes and only its unmatched suffix is computed; the n
 a prompt share its KV (one prefill, then a fork); finished sequences stay cached, so
 continuing a prompt + partial completion costs at most one page of prefill.
 
-Attention backends: "triton" (the kernels in kernels/: paged decode with split-K, the cascade
+Attention backends: "triton" (the kernels in engine/kernels/: paged decode with split-K, the cascade
 that reads shared prefixes once, paged extend; the default on CUDA) and "torch" (the SDPA reference,
 the default elsewhere). On CUDA with Triton, decode-only steps replay CUDA graphs
 (engine/runtime/cuda_graphs.py).
@@ -429,7 +429,7 @@ LM_HEAD_CHUNK = 16384  # vocabulary rows per fp32 chunk in lm_head_logits' fallb
 def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [N, V] = hidden [N, d] @ weight [V, d].T with fp32 accumulation, as the loss computes them.
 
-    The trainer's log-probs (kernels/fused_logprobs.py) accumulate the input dtype's products
+    The trainer's log-probs (engine/kernels/fused_logprobs.py) accumulate the input dtype's products
     in fp32 and never round the logits to bf16; sampling from bf16-rounded logits would draw
     from a different distribution than the one trained (and return different log-probs).
     On CUDA with a half-precision weight, one GEMM with fp32 output (no fp32 copy of the
@@ -477,7 +477,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if backend == "triton" and device.type != "cuda":
         # The module, not the function the kernels package re-exports under the same name.
-        kernel = importlib.import_module("kernels.decode_attention")  # imports triton, as the kernels do
+        kernel = importlib.import_module("engine.kernels.decode_attention")  # imports triton, as the kernels do
 
         interpreted = getattr(kernel, "_INTERPRETED", os.environ.get("TRITON_INTERPRET", "0") == "1")
         if not (has_triton and interpreted):

@@ -19,10 +19,10 @@ import torch
 
 from engine.runtime.batch import StepBatch
 from engine.runtime.paged_attention import KVPool
-from kernels.decode_attention import decode_attention
-from kernels.extend_attention import extend_attention
-from kernels.shared_prefix_attention import cascade_decode_attention
-from kernels.store_kv import store_kv
+from engine.kernels.decode_attention import decode_attention
+from engine.kernels.extend_attention import extend_attention
+from engine.kernels.shared_prefix_attention import cascade_decode_attention
+from engine.kernels.store_kv import store_kv
 
 
 class TritonPagedAttention:

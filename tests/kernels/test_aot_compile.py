@@ -5,7 +5,7 @@ and says nothing about registers. Here Triton's compiler and its bundled ptxas b
 cubins on the CPU, with the tiles each launcher picks on CUDA, at real model shapes; a test
 fails if a kernel stops compiling, spills registers to local memory (ptxas' spill stores /
 loads > 0), or asks for more shared memory per block than the target has (163 KiB on sm_80,
-227 KiB on sm_90). How launches are reproduced: kernels/aot.py.
+227 KiB on sm_90). How launches are reproduced: engine/kernels/aot.py.
 
 The full matrix (every op x head_dim 64/128 x GQA group 1/4/8 x page size 16/32 (hidden
 1536/2048 for the norms) x bf16/fp32 x both targets: 270 distinct compiles, ~6 min on 2 cores
@@ -24,7 +24,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from kernels import aot  # noqa: E402  (after the skip: aot's compiles need triton)
+from engine.kernels import aot  # noqa: E402  (after the skip: aot's compiles need triton)
 
 S = aot.Scenario
 BF16 = "bfloat16"

@@ -17,8 +17,8 @@ import torch
 
 from test_shared_prefix_attention import oracle, plain  # the float64 oracle and plain decode (same folder)
 
-da = importlib.import_module("kernels.decode_attention")
-sp = importlib.import_module("kernels.shared_prefix_attention")
+da = importlib.import_module("engine.kernels.decode_attention")
+sp = importlib.import_module("engine.kernels.shared_prefix_attention")
 batch_module = importlib.import_module("engine.runtime.batch")
 cascade = sp.cascade_decode_attention
 cascade_reference = sp.cascade_decode_attention_reference

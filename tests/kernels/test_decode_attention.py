@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-da = importlib.import_module("kernels.decode_attention")
+da = importlib.import_module("engine.kernels.decode_attention")
 decode_attention = da.decode_attention
 decode_attention_reference = da.decode_attention_reference
 
@@ -256,9 +256,9 @@ COMPILE_SCRIPT = r"""
 import importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-da = importlib.import_module("kernels.decode_attention")
-sp = importlib.import_module("kernels.shared_prefix_attention")
-ms = importlib.import_module("kernels.merge_states")
+da = importlib.import_module("engine.kernels.decode_attention")
+sp = importlib.import_module("engine.kernels.shared_prefix_attention")
+ms = importlib.import_module("engine.kernels.merge_states")
 assert not da._INTERPRETED
 PAGED = dict(HEAD_DIM=128, GROUP=4, PAGE_SIZE=16, BLOCK_N=64, BLOCK_D=128, UPCAST=False)
 JOBS = [  # kernel, constexprs, pointer dtypes (default i32), compute capability, stages

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-ea = importlib.import_module("kernels.extend_attention")
+ea = importlib.import_module("engine.kernels.extend_attention")
 
 # (new tokens, cached prefix) per sequence.
 BATCH = ((20, 0), (6, 30), (1, 40))
@@ -28,7 +28,7 @@ def triton_device() -> str:
     if ea._INTERPRETED:
         return "cpu"
     if not torch.cuda.is_available():
-        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `engine.kernels` is imported")
     return "cuda"
 
 

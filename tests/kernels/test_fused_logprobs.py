@@ -16,10 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+from engine import kernels
 
-# The module, not the function of the same name that `kernels` exports.
-fl = importlib.import_module("kernels.fused_logprobs")
+# The module, not the function of the same name that `engine.kernels` exports.
+fl = importlib.import_module("engine.kernels.fused_logprobs")
 
 # Tiny tiles so that the interpreter runs a handful of programs yet every code path is hit:
 # two vocabulary ranges in the forward, three backward chunks, a ragged last d block.
@@ -31,7 +31,7 @@ def triton_device() -> str:
     if fl._INTERPRETED:
         return "cpu"
     if not torch.cuda.is_available():
-        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `engine.kernels` is imported")
     return "cuda"
 
 
@@ -109,7 +109,7 @@ CASES = {
 def test_triton_path_runs_here():
     """The Triton tests below run the interpreter on CPU; they need TRITON_INTERPRET=1 at import."""
     assert fl.triton is not None, "triton is not installed"
-    assert fl._INTERPRETED or torch.cuda.is_available(), "set TRITON_INTERPRET=1 before importing kernels"
+    assert fl._INTERPRETED or torch.cuda.is_available(), "set TRITON_INTERPRET=1 before importing engine.kernels"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -255,7 +255,7 @@ COMPILE_SCRIPT = r"""
 import importlib, re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-fl = importlib.import_module("kernels.fused_logprobs")
+fl = importlib.import_module("engine.kernels.fused_logprobs")
 assert not fl._INTERPRETED
 for cc, dt, ieee, stages in ((90, "bf16", False, 3), (80, "fp32", True, 2)):
     for fn, ptr_types in ((fl._fwd_kernel, [dt, dt, "i64", "fp32"]),

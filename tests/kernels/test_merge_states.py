@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-ms = importlib.import_module("kernels.merge_states")
+ms = importlib.import_module("engine.kernels.merge_states")
 merge_states = ms.merge_states
 merge_states_reference = ms.merge_states_reference
 FNS = {"public": merge_states, "reference": merge_states_reference}

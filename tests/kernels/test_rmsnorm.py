@@ -16,7 +16,7 @@ import torch
 
 from engine.model.transformer import RMSNorm
 
-rn = importlib.import_module("kernels.rmsnorm")
+rn = importlib.import_module("engine.kernels.rmsnorm")
 
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ORDER_ULPS = {torch.float32: 8, torch.bfloat16: 1, torch.float16: 1}  # sum-of-squares order: kernel vs torch
@@ -27,7 +27,7 @@ def triton_device() -> str:
     if rn._INTERPRETED:
         return "cpu"
     if not torch.cuda.is_available():
-        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `engine.kernels` is imported")
     return "cuda"
 
 

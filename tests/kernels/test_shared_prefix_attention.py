@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-da = importlib.import_module("kernels.decode_attention")
-sp = importlib.import_module("kernels.shared_prefix_attention")
+da = importlib.import_module("engine.kernels.decode_attention")
+sp = importlib.import_module("engine.kernels.shared_prefix_attention")
 shared = sp.shared_prefix_decode_attention
 shared_reference = sp.shared_prefix_decode_attention_reference
 

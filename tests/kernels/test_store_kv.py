@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-sk = importlib.import_module("kernels.store_kv")
+sk = importlib.import_module("engine.kernels.store_kv")
 
 
 def triton_device() -> str:
@@ -19,7 +19,7 @@ def triton_device() -> str:
     if sk._INTERPRETED:
         return "cpu"
     if not torch.cuda.is_available():
-        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `kernels` is imported")
+        pytest.fail("Triton on CPU tensors needs TRITON_INTERPRET=1 set before `engine.kernels` is imported")
     return "cuda"
 
 

@@ -70,7 +70,7 @@ def test_fused_norms_on_cpu_equal_the_unfused_path_bitwise(family, dtype, norm_c
 
 def test_the_triton_kernel_in_the_model(monkeypatch, norm_calls):
     """The public (Triton) ops, as on CUDA: interpreted here; one call per add + norm."""
-    import kernels.rmsnorm as rn
+    import engine.kernels.rmsnorm as rn
 
     if not rn._INTERPRETED:
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on CPU machines)")

@@ -5,7 +5,7 @@ import torch
 
 from engine import Engine, SamplingParams, load_model
 from engine.runtime.engine import lm_head_logits
-from kernels import fused_logprobs
+from engine.kernels import fused_logprobs
 
 
 def _record_sampled_hidden(engine: Engine) -> list[torch.Tensor]:

@@ -147,8 +147,8 @@ def test_triton_without_the_interpreter_warns_once(monkeypatch):
     import engine.runtime.engine as engine_module
     import importlib
 
-    # the module: `kernels.decode_attention` is also the name of the re-exported function
-    monkeypatch.setattr(importlib.import_module("kernels.decode_attention"), "_INTERPRETED", False)
+    # the module: `engine.kernels.decode_attention` is also the name of the re-exported function
+    monkeypatch.setattr(importlib.import_module("engine.kernels.decode_attention"), "_INTERPRETED", False)
     monkeypatch.setattr(engine_module, "_warned", set())
     model = tiny_model()
     with pytest.warns(UserWarning, match="runs the kernels' torch references"):

@@ -15,7 +15,7 @@ Two Triton kernels live here:
   shared-prefix attention merges a prefix state with a suffix state (FlashInfer cascade,
   Hydragen).
 - `_merge_splits_kernel` behind `merge_partials(o_part, lse_part, out, lse_out)`: the stage-2
-  reduction of split-K decode (kernels.decode_attention, kernels.shared_prefix_attention),
+  reduction of split-K decode (engine.kernels.decode_attention, engine.kernels.shared_prefix_attention),
   where every (row, head) has S fp32 partials in a workspace.
 
 `merge_states_reference` is the plain-torch twin with the same signature. `merge_states`

@@ -20,9 +20,9 @@ builder orders rows so that siblings are adjacent (engine/runtime/batch.py: `cas
                   rows x the query heads of that kv head into [BLOCK_M, D] tiles, so every K/V
                   tile of the shared range feeds a tensor-core matmul for all of them
                   (`_prefix_kernel`); it writes the partial to slot level * P + split;
-    suffix pass   decode attention over each row's own positions (kernels.decode_attention's
+    suffix pass   decode attention over each row's own positions (engine.kernels.decode_attention's
                   stage-1 kernel with kv_starts = suffix_starts), slots L * P .. L * P + S - 1;
-    merge         one stage-2 LSE merge over all slots (kernels.merge_states.merge_partials),
+    merge         one stage-2 LSE merge over all slots (engine.kernels.merge_states.merge_partials),
                   rounded once to q's dtype. Slots of levels a row does not have keep lse = -inf
                   (weight 0; their partials are never read).
 
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention import (
+from engine.kernels.decode_attention import (
     _attend_reference,
     _check_index_vector,
     _check_paged_inputs,
@@ -64,12 +64,12 @@ from kernels.decode_attention import (
     _use_triton,
     triton,
 )
-from kernels.merge_states import merge_partials, merge_states_reference
+from engine.kernels.merge_states import merge_partials, merge_states_reference
 
 if triton is not None:
     import triton.language as tl
 
-    from kernels.decode_attention import _attend_range, _finish_state
+    from engine.kernels.decode_attention import _attend_range, _finish_state
 
 SEGMENT_FIELDS = ("first_row", "end_row", "kv_start", "kv_end", "level")
 
@@ -440,7 +440,7 @@ def cascade_decode_attention(
 ) -> torch.Tensor:
     """Decode attention where segments of rows share the K/V of nested prefixes (module docstring).
 
-    Arguments as kernels.decode_attention (q [B, Hq, D], caches [num_slots, Hkv, D], int32
+    Arguments as engine.kernels.decode_attention (q [B, Hq, D], caches [num_slots, Hkv, D], int32
     page_table [B, max_pages] and kv_lens [B]) plus int32 segments [S, 5] (first_row, end_row,
     kv_start, kv_end, level), int32 suffix_starts [B] and num_levels (a host int > every level).
     Returns out [B, Hq, D] in q's dtype, equal to decode_attention up to rounding when the
@@ -481,7 +481,7 @@ def shared_prefix_decode_attention(
 ) -> torch.Tensor:
     """Decode attention where the rows of each sibling group share the K/V of a prefix (one level).
 
-    Arguments as kernels.decode_attention plus int32 group_offsets [G+1] (group g owns rows
+    Arguments as engine.kernels.decode_attention plus int32 group_offsets [G+1] (group g owns rows
     [group_offsets[g], group_offsets[g+1]); groups cover all rows, each >= 1 row) and int32
     prefix_lens [G] (0 <= prefix_lens[g] <= kv_lens of each member; the prefix K/V is read
     through the page table of the group's first row). Returns out [B, Hq, D] in q's dtype, equal

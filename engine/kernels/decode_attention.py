@@ -15,7 +15,7 @@ never stored), so each K/V tile is loaded once per KV head rather than once per 
 the scores are a tensor-core `tl.dot`. A program takes its chunk of the key range, streams it in
 BLOCK_N-position tiles gathered through the page table (online softmax in the log2 domain), and
 writes a normalised fp32 partial and its LSE to a workspace. Stage 2 (`merge_partials`, shared
-with kernels.merge_states) reduces the splits per (b, head) and casts to q's dtype. With one
+with engine.kernels.merge_states) reduces the splits per (b, head) and casts to q's dtype. With one
 split, stage 1 writes the final output directly and stage 2 is skipped.
 
 Split-K: every sequence's range is cut into num_splits chunks, each a multiple of BLOCK_N
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.merge_states import merge_partials
+from engine.kernels.merge_states import merge_partials
 
 try:  # Triton is optional: without it every call takes the reference path.
     import triton

@@ -2,7 +2,7 @@
 
 Triton's compiler and its bundled ptxas run on any Linux CPU: `triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))` returns an H100 cubin (80: A100). This module compiles every
-launched kernel of `kernels` with the tiles its launcher picks on CUDA, at the shapes of real
+launched kernel of `engine.kernels` with the tiles its launcher picks on CUDA, at the shapes of real
 models, and reads what each costs: registers, spilled bytes, shared memory.
 
 How a launch is reproduced (no hand-written signatures):
@@ -28,7 +28,7 @@ How a launch is reproduced (no hand-written signatures):
 
 The kernels read TRITON_INTERPRET when they are defined, and interpreted kernels cannot be
 compiled; the compiles therefore run in a child process without it: `run_scenarios` (used by
-tests/kernels/test_aot_compile.py and bench/compile_report.py) starts `python -m kernels.aot`,
+tests/kernels/test_aot_compile.py and bench/compile_report.py) starts `python -m engine.kernels.aot`,
 which prints one JSON result per scenario as it finishes.
 """
 from __future__ import annotations
@@ -182,13 +182,13 @@ class _CudaLike:
 
 
 KERNELS = {  # module -> its Triton kernels (every one some launcher starts)
-    "kernels.decode_attention": ("_decode_split_kernel",),
-    "kernels.shared_prefix_attention": ("_prefix_kernel",),
-    "kernels.merge_states": ("_merge_two_kernel", "_merge_splits_kernel"),
-    "kernels.extend_attention": ("_extend_kernel",),
-    "kernels.store_kv": ("_store_kv_kernel",),
-    "kernels.rmsnorm": ("_rms_norm_kernel",),
-    "kernels.fused_logprobs": ("_fwd_kernel", "_dlogits_kernel"),
+    "engine.kernels.decode_attention": ("_decode_split_kernel",),
+    "engine.kernels.shared_prefix_attention": ("_prefix_kernel",),
+    "engine.kernels.merge_states": ("_merge_two_kernel", "_merge_splits_kernel"),
+    "engine.kernels.extend_attention": ("_extend_kernel",),
+    "engine.kernels.store_kv": ("_store_kv_kernel",),
+    "engine.kernels.rmsnorm": ("_rms_norm_kernel",),
+    "engine.kernels.fused_logprobs": ("_fwd_kernel", "_dlogits_kernel"),
 }
 CUDA = torch.device("cuda")
 
@@ -228,8 +228,8 @@ def _paged(s: Scenario, batch: int = 32, max_pages: int = 256, num_pages: int = 
 
 def _drive(s: Scenario) -> None:
     """Run the launcher(s) of scenario `s` (inside `_recording`)."""
-    # importlib: `kernels` exports functions named like their modules.
-    da, ea, fl, ms, sp, sk = (importlib.import_module(f"kernels.{m}") for m in (
+    # importlib: `engine.kernels` exports functions named like their modules.
+    da, ea, fl, ms, sp, sk = (importlib.import_module(f"engine.kernels.{m}") for m in (
         "decode_attention", "extend_attention", "fused_logprobs", "merge_states", "shared_prefix_attention",
         "store_kv"))
 
@@ -264,7 +264,7 @@ def _drive(s: Scenario) -> None:
         slots = torch.empty(n, dtype=torch.int64, device="meta")
         sk._store_kv_triton(_CudaLike(k), _CudaLike(k), _CudaLike(kc), _CudaLike(vc), _CudaLike(slots))
     elif s.op in ("rmsnorm", "rmsnorm_add"):
-        rn = importlib.import_module("kernels.rmsnorm")
+        rn = importlib.import_module("engine.kernels.rmsnorm")
         rows = 504  # an RL decode step: K=9 rollouts of ~56 states
         x = torch.empty(rows, s.hidden, dtype=dtype, device="meta")
         weight = torch.empty(s.hidden, dtype=dtype, device="meta")
@@ -505,7 +505,7 @@ def run_scenarios(scenarios: list[Scenario], workers: int | None = None, cache_d
         env["TRITON_CACHE_DIR"] = str(cache_dir)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "kernels.aot", "--workers", str(workers or 0), *(s.label for s in scenarios)]
+    cmd = [sys.executable, "-m", "engine.kernels.aot", "--workers", str(workers or 0), *(s.label for s in scenarios)]
     results: dict[str, dict] = {}
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE,
                                                                 stderr=err, text=True) as child:

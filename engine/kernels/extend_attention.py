@@ -372,7 +372,7 @@ class _Config:
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) compute capability of `device` (kernels/aot.py answers it for its target)."""
+    """(major, minor) compute capability of `device` (engine/kernels/aot.py answers it for its target)."""
     return torch.cuda.get_device_capability(device)
 
 

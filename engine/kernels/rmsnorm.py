@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from kernels.decode_attention import _INTERPRETED, _on, _use_triton
+from engine.kernels.decode_attention import _INTERPRETED, _on, _use_triton
 
 try:  # Triton is optional: without it every call takes the reference path.
     import triton
