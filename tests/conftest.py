@@ -109,7 +109,7 @@ def tiny_ppo_checkpoint(tiny_policy_dir, tmp_path_factory):
     from safetensors.torch import save_file
 
     from engine.model import load_model
-    from engine.rl.trainer import ValueModel
+    from engine.rl.algorithms.ppo import ValueModel
 
     folder = tmp_path_factory.mktemp("ppo-ckpt")
     body, _ = load_model(tiny_policy_dir)

@@ -134,7 +134,8 @@ def test_mean_cosine_by_hand():
 
 def test_policy_gradient_is_the_token_mean_surrogate_at_ratio_one(tiny_policy_dir):
     """-(1/N) sum_t A_t grad log pi(y_t) over the batch's N response tokens, micro-batches or not."""
-    from engine.rl.trainer import Packed, Trainer
+    from engine.rl.packed import Packed
+    from engine.rl.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = credit_config(str(tiny_policy_dir), "arithmetic", TASK_ARGS, prompts=3, samples=2, k=1, max_new_tokens=12,
@@ -149,7 +150,7 @@ def test_policy_gradient_is_the_token_mean_surrogate_at_ratio_one(tiny_policy_di
 
         trainer.policy.zero_grad(set_to_none=True)
         packed = Packed.build(episodes, trainer.device)
-        lp = trainer._token_logprobs(trainer.policy, packed)
+        lp = trainer.token_logprobs(trainer.policy, packed)
         n = sum(e.num_tokens for e in episodes)
         (-(torch.cat([adv[id(e)] for e in episodes]) * lp).sum() / n).backward()
         expected = torch.cat([p.grad.flatten() for p in trainer.policy.parameters()])
@@ -222,7 +223,7 @@ def test_credit_analysis_on_hand_made_responses(tiny_policy_dir, monkeypatch):
             return rollout.MCStats(states=1, rollouts=2)
 
         monkeypatch.setattr(Trainer, "_sample_episodes", fake_sample)
-        monkeypatch.setattr("engine.rl.trainer.mc_values", fake_mc)
+        monkeypatch.setattr("engine.rl.algorithms.vineppo.mc_values", fake_mc)
         report = credit_analysis(trainer, batches=2)
     loc = report["localisation"]
     assert loc["wrong_responses"] == 4 and loc["correct_with_wrong_line"] == 0

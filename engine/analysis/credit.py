@@ -7,9 +7,9 @@ about the same sampled responses, and how noisy the policy gradients they give a
 A Trainer (engine.rl.trainer) is built for the model with these settings (a VinePPO run's config:
 seeded sampling, no KL reference, one minibatch per batch) and its own code does the work:
 batch b = 1..B holds the prompts of its iteration b, sampled with seeds from (seed, b, prompt); each
-estimator's advantages are its `_values_and_advantages` with that algorithm (VinePPO: MC values
+estimator's advantages are that algorithm's credit step (VinePPO: MC values
 from K rollouts at every step boundary; GRPO; RLOO; PPO's GAE with --critic's critic) and, on
-the arithmetic task, its `_capo_advantages` with the exact rule judge ("capo": an oracle that
+the arithmetic task, CAPO's with the exact rule judge ("capo": an oracle that
 penalises every false line, the CAPO runs' judge).
 
 1. Advantage statistics per estimator (raw advantages, all batches): fraction of response tokens
@@ -210,14 +210,14 @@ def _policy_gradient(trainer, episodes: Sequence, advantages: dict[int, torch.Te
     (its token / sequence counts as the normalisers), accumulated over micro-batches as the
     trainer accumulates. No KL or entropy term: at the starting policy the KL's gradient is 0."""
     from engine.rl.loss import ppo_loss
-    from engine.rl.trainer import Packed, _chunks
+    from engine.rl.packed import Packed, chunks
 
     cfg, policy = trainer.cfg, trainer.policy
     policy.zero_grad(set_to_none=True)
     num_tokens, num_seqs = sum(e.num_tokens for e in episodes), len(episodes)
-    for micro in _chunks(list(episodes), cfg.micro_batch_size):
+    for micro in chunks(list(episodes), cfg.micro_batch_size):
         packed = Packed.build(micro, trainer.device)
-        lp = trainer._token_logprobs(policy, packed)
+        lp = trainer.token_logprobs(policy, packed)
         adv = packed.pad(torch.cat([advantages[id(e)] for e in micro]).to(trainer.device))
         loss, _ = ppo_loss(packed.pad(lp), packed.pad(lp.detach()), adv, packed.mask(), clip_low=cfg.clip_low,
                            clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, num_tokens=num_tokens,
@@ -230,16 +230,16 @@ def _policy_gradient(trainer, episodes: Sequence, advantages: dict[int, torch.Te
 
 
 def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT_ESTIMATORS,
-                    localise: bool = True) -> dict:
+                    localise: bool = True, critic: torch.nn.Module | None = None) -> dict:
     """Run the credit-assignment analysis (see `credit_config` and the `credit` command's help)
     with a Trainer built for it: its policy is never updated.
 
     Batch b (b = 1..batches) is sampled as the trainer's iteration b samples (its prompts, and
     with seeded sampling its seeds), graded by the task; each estimator's advantages come from
-    the trainer's own `_values_and_advantages` with cfg.algo set to that estimator (VinePPO's
-    MC values with its K, GRPO, RLOO, PPO's GAE with trainer.critic). The gradient uses the
-    advantages as the loss sees them: whitened over the batch when the algorithm whitens
-    (trainer._whiten; the trainer whitens each minibatch, here the batch is one minibatch).
+    credit step of that algorithm (engine.rl.algorithms: VinePPO's MC values with its K, GRPO,
+    RLOO, PPO's GAE with `critic`, CAPO with the rule judge), run on the trainer. The gradient uses
+    the advantages as the loss sees them: whitened over the batch when the algorithm whitens
+    (the trainer whitens each minibatch, here the batch is one minibatch).
     Statistics and localisation read the raw advantages.
     """
     from engine.rl.steps import step_spans
@@ -249,14 +249,21 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
     estimators = list(dict.fromkeys(estimators))
     if not estimators or set(estimators) - set(ALL_CREDIT_ESTIMATORS):
         raise ValueError(f"estimators must be among {ALL_CREDIT_ESTIMATORS}, got {estimators}")
-    if "ppo" in estimators and trainer.critic is None:
-        raise ValueError("the ppo estimator needs trainer.critic (a PPO checkpoint's critic)")
-    if "capo" in estimators:
-        if trainer.task.name != "arithmetic":
-            raise ValueError("the capo estimator uses the exact rule judge: arithmetic only")
-        from engine.rl.judge import RuleJudge
+    if "ppo" in estimators and critic is None:
+        raise ValueError("the ppo estimator needs `critic` (a PPO checkpoint's critic)")
+    if "capo" in estimators and trainer.task.name != "arithmetic":
+        raise ValueError("the capo estimator uses the exact rule judge: arithmetic only")
+    from engine.rl.algorithms import REGISTRY
+    from engine.rl.algorithms.capo import CAPO
+    from engine.rl.algorithms.policy_gradient import whiten
+    from engine.rl.judge import RuleJudge
 
-        trainer.judge = RuleJudge()
+    algorithms = {}
+    for name in estimators:
+        cfg = replace(trainer.cfg, algo=name, judge="rule")
+        algorithms[name] = CAPO(cfg, judge=RuleJudge()) if name == "capo" else REGISTRY[name](cfg)
+        if name == "ppo":
+            algorithms[name].critic = critic
     t0 = time.perf_counter()
     base = trainer.cfg
     style = trainer.task.step_style if base.step_split == "task" else base.step_split
@@ -269,43 +276,37 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
     wrong_located = wrong_unlocated = right_despite = 0
     steps_total = 0
     mc_rows = []
-    try:
-        for b in range(1, batches + 1):
-            trainer.iteration = b
-            trainer.cfg = base
-            trainer.policy.eval()
-            episodes = trainer._sample_episodes()
-            spans = [step_spans(ep.response_ids, tok, style) for ep in episodes]
-            steps_total += sum(len(ends) for _, ends in spans)
-            first_wrong = [first_wrong_step(texts) if localise else None for texts, _ in spans]
-            if localise:
-                right_despite += sum(f is not None and ep.reward == 1 for f, ep in zip(first_wrong, episodes))
-                first_wrong = [f if ep.reward == 0 else None for f, ep in zip(first_wrong, episodes)]
-                wrong_located += sum(f is not None for f in first_wrong)
-                wrong_unlocated += sum(f is None and ep.reward == 0 for f, ep in zip(first_wrong, episodes))
-            rewards += [ep.reward for ep in episodes]
-            per_batch.append({"batch": b, "responses": len(episodes),
-                              "reward_mean": _mean([ep.reward for ep in episodes])})
-            for name in estimators:
-                trainer.cfg = replace(base, algo=name, judge="rule")
-                mc = None
-                if name == "capo":
-                    trainer._capo_advantages(episodes)
-                else:
-                    mc = trainer._values_and_advantages(episodes)
-                if mc is not None:
-                    mc_rows.append({"states": mc.states, "rollouts": mc.rollouts, "value_mean": mc.value_mean,
-                                    "truncated": mc.truncated})
-                for ep, (_, ends), f in zip(episodes, spans, first_wrong):
-                    raw[name].append(ep.advantages.detach().float().cpu().clone())
-                    if f is not None:
-                        cases[name].append(CreditCase(step_mean_advantages(ep.advantages, ends),
-                                                      [e - a for a, e in zip([0, *ends[:-1]], ends)], f))
-                loss_adv = (trainer._whiten(episodes) if trainer.cfg.whiten
-                            else {id(e): e.advantages for e in episodes})
-                grads[name].append(_policy_gradient(trainer, episodes, loss_adv))
-    finally:
-        trainer.cfg = base
+    for b in range(1, batches + 1):
+        trainer.iteration = b
+        trainer.policy.eval()
+        episodes = trainer._sample_episodes()
+        spans = [step_spans(ep.response_ids, tok, style) for ep in episodes]
+        steps_total += sum(len(ends) for _, ends in spans)
+        first_wrong = [first_wrong_step(texts) if localise else None for texts, _ in spans]
+        if localise:
+            right_despite += sum(f is not None and ep.reward == 1 for f, ep in zip(first_wrong, episodes))
+            first_wrong = [f if ep.reward == 0 else None for f, ep in zip(first_wrong, episodes)]
+            wrong_located += sum(f is not None for f in first_wrong)
+            wrong_unlocated += sum(f is None and ep.reward == 0 for f, ep in zip(first_wrong, episodes))
+        rewards += [ep.reward for ep in episodes]
+        per_batch.append({"batch": b, "responses": len(episodes),
+                          "reward_mean": _mean([ep.reward for ep in episodes])})
+        for name in estimators:
+            algo = algorithms[name]
+            algo.credit(episodes, trainer)
+            mc = getattr(algo, "mc_stats", None)
+            if mc is not None:
+                algo.mc_stats = None
+                mc_rows.append({"states": mc.states, "rollouts": mc.rollouts, "value_mean": mc.value_mean,
+                                "truncated": mc.truncated})
+            for ep, (_, ends), f in zip(episodes, spans, first_wrong):
+                raw[name].append(ep.advantages.detach().float().cpu().clone())
+                if f is not None:
+                    cases[name].append(CreditCase(step_mean_advantages(ep.advantages, ends),
+                                                  [e - a for a, e in zip([0, *ends[:-1]], ends)], f))
+            loss_adv = (whiten(episodes, trainer) if algo.cfg.whiten
+                        else {id(e): e.advantages for e in episodes})
+            grads[name].append(_policy_gradient(trainer, episodes, loss_adv))
     grams = {name: gram_matrix(g) for name, g in grads.items()}
     noise = {name: gradient_noise(grams[name]) for name in estimators}
     ref = "vineppo" if "vineppo" in estimators else estimators[0]
@@ -493,10 +494,9 @@ def credit_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
             trainer = Trainer(cfg, progress=not args.quiet)
         except ConfigError as e:
             sub.error(str(e))
-        if args.critic:
-            critic = Critic.load(args.critic, device=trainer.device, dtype=trainer.dtype)
-            trainer.critic = critic.model
-        report = credit_analysis(trainer, batches=args.batches, estimators=estimators, localise=localise)
+        critic = Critic.load(args.critic, device=trainer.device, dtype=trainer.dtype).model if args.critic else None
+        report = credit_analysis(trainer, batches=args.batches, estimators=estimators, localise=localise,
+                                 critic=critic)
     if not localise:
         report["localisation_note"] = NOT_ARITHMETIC.format(task=args.task)
     report["config"] = {k: v for k, v in vars(args).items() if k != "command"}

@@ -259,7 +259,7 @@ def _next_steps(engine: Engine, task: Task, states: Sequence[State], alternative
 # ---------------------------------------------------------------------------- critic
 
 class Critic:
-    """A PPO run's critic (engine.rl.trainer.ValueModel) as a function: token-id states -> the
+    """A PPO run's critic (engine.rl.algorithms.ppo.ValueModel) as a function: token-id states -> the
     value at each state's last token."""
 
     def __init__(self, model: torch.nn.Module, batch_tokens: int = 8192):
@@ -271,7 +271,7 @@ class Critic:
         from safetensors.torch import load_file
 
         from engine.model import load_model
-        from engine.rl.trainer import ValueModel
+        from engine.rl.algorithms.ppo import ValueModel
 
         folder = critic_folder(checkpoint_dir)
         body, _ = load_model(folder, dtype=dtype, device=device)

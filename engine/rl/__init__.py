@@ -1,4 +1,4 @@
-"""RL for reasoning on the Engine's live weights: VinePPO, PPO (critic), GRPO, RLOO.
+"""RL for reasoning on the Engine's live weights: VinePPO, PPO, GRPO, RLOO, CAPO, RestEM, DPO+, REINFORCE++ (engine.rl.algorithms).
 
     from engine.rl import Trainer, load_config
     Trainer(load_config("smoke", {"run_dir": "runs/x"})).run()

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import yaml
 
@@ -28,8 +28,20 @@ PER_ALGO = "per_algo"  # a preset's section of values that apply only to one alg
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 REQUIRED = "???"
-Algo = Literal["vineppo", "ppo", "grpo", "rloo", "restem", "dpo+", "capo"]
-ALGOS: tuple[str, ...] = get_args(Algo)
+
+
+def algorithms() -> tuple[str, ...]:
+    """The registered algorithm names (engine/rl/algorithms; imported here only when asked for,
+    since the algorithms import this module)."""
+    from engine.rl.algorithms import REGISTRY
+
+    return tuple(REGISTRY)
+
+
+def _algorithm(name: str):
+    from engine.rl.algorithms import REGISTRY
+
+    return REGISTRY[name]
 
 
 class ConfigError(ValueError):
@@ -39,7 +51,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # ---- what to train
-    algo: str = "vineppo"              # vineppo | ppo (critic + GAE) | grpo | rloo | restem | dpo+ | capo
+    algo: str = "vineppo"              # a name in engine.rl.algorithms.REGISTRY: vineppo, ppo, grpo, rloo, capo, ...
     task: str = "arithmetic"           # gsm8k | math | arithmetic
     task_args: dict = field(default_factory=dict)  # keyword options of load_task (data=, steps=, ...)
     model: str | None = None           # HF checkpoint folder; None = the built-in tiny model
@@ -165,7 +177,9 @@ class TrainConfig:
 
     def check_batch_division(self, num_train_items: int | None = None) -> None:
         """The on-policy algorithms split an iteration's episodes into equal minibatches."""
-        if self.algo in ("restem", "dpo+") or (self.prompts_per_iteration == ALL and num_train_items is None):
+        if self.algo not in algorithms():
+            return  # (validate names the choices)
+        if _algorithm(self.algo).units_from_all_ranks or (self.prompts_per_iteration == ALL and num_train_items is None):
             return
         n = self.episodes_per_iteration(num_train_items)
         if n % self.minibatch_size:
@@ -178,7 +192,7 @@ class TrainConfig:
     @property
     def whiten(self) -> bool:
         if self.whiten_advantages == "auto":
-            return self.algo in ("vineppo", "ppo")  # grpo, rloo and capo normalise within groups
+            return _algorithm(self.algo).whitens_by_default  # (group-relative credit is normalised already)
         return bool(self.whiten_advantages)
 
     def validate(self) -> "TrainConfig":
@@ -188,8 +202,8 @@ class TrainConfig:
         missing = [f.name for f in fields(self) if getattr(self, f.name) == REQUIRED]
         if missing:
             raise ConfigError(f"the preset needs a value for {', '.join(missing)} (e.g. --{missing[0].replace('_', '-')} ...)")
-        if self.algo not in ALGOS:
-            raise ConfigError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        if self.algo not in algorithms():
+            raise ConfigError(f"unknown algo {self.algo!r}; choose one of {', '.join(algorithms())}")
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(sorted(TASKS))}")
         if self.model is not None and not Path(self.model).is_dir():
@@ -226,9 +240,6 @@ class TrainConfig:
         if self.minibatch_size % self.micro_batch_size:
             raise ConfigError(f"minibatch_size {self.minibatch_size} is not a multiple of micro_batch_size "
                               f"{self.micro_batch_size}")
-        if self.algo in ("grpo", "rloo", "capo") and self.samples_per_prompt < 2:
-            raise ConfigError(f"{self.algo} compares the samples of a prompt: samples_per_prompt must be >= 2, "
-                              f"got {self.samples_per_prompt}")
         for name in ("restem_max_per_prompt", "dpo_max_pairs_per_prompt"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -236,18 +247,12 @@ class TrainConfig:
         if self.restem_early_stop not in RESTEM_EARLY_STOP:
             raise ConfigError(f"restem_early_stop must be one of {', '.join(RESTEM_EARLY_STOP)}, "
                               f"got {self.restem_early_stop!r}")
-        if self.algo == "restem" and self.restem_early_stop != "off" and "validation" not in self.eval_splits:
-            raise ConfigError(f"restem_early_stop {self.restem_early_stop} picks epochs by validation accuracy: "
-                              f"add validation to eval_splits (got {self.eval_splits!r})")
         if not isinstance(self.restem_from_base, bool):
             raise ConfigError(f"restem_from_base must be true or false, got {self.restem_from_base!r}")
         if not (isinstance(self.dpo_beta, (int, float)) and 0 < self.dpo_beta < math.inf):
             raise ConfigError(f"dpo_beta must be a positive number, got {self.dpo_beta!r}")
         if not (isinstance(self.dpo_nll_coef, (int, float)) and 0 <= self.dpo_nll_coef < math.inf):
             raise ConfigError(f"dpo_nll_coef must be a number >= 0, got {self.dpo_nll_coef!r}")
-        if self.algo == "dpo+" and self.samples_per_prompt < 2:
-            raise ConfigError(f"dpo+ pairs a prompt's correct and incorrect samples: samples_per_prompt must be "
-                              f">= 2, got {self.samples_per_prompt}")
         self._validate_capo()
         for name in ("lr", "sft_lr", "temperature"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
@@ -273,14 +278,6 @@ class TrainConfig:
         for name in ("kl_aggregation", "loss_aggregation"):
             if getattr(self, name) not in get_args(Aggregation):
                 raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
-        if self.algo == "grpo" and not self.grpo_scale_by_std and self.loss_aggregation != "seq-mean-token-sum-norm":
-            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) divides each sequence's summed loss by a constant "
-                              "(max_new_tokens); set loss_aggregation: seq-mean-token-sum-norm "
-                              f"(got {self.loss_aggregation!r})")
-        if self.algo == "grpo" and not self.grpo_scale_by_std and self.whiten:
-            raise ConfigError("Dr.GRPO (grpo_scale_by_std: false) leaves advantages unscaled; whitening would divide "
-                              f"them by the minibatch std again: set whiten_advantages: false "
-                              f"(got {self.whiten_advantages!r})")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
         if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:
@@ -299,6 +296,7 @@ class TrainConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas!r}")
+        _algorithm(self.algo).validate(self)  # the algorithm's own rules (engine/rl/algorithms)
         return self
 
     def _validate_capo(self) -> None:
@@ -308,11 +306,6 @@ class TrainConfig:
             raise ConfigError(f"judge must be one of {', '.join(JUDGES)}, got {self.judge!r}")
         if self.judge_oracle not in (None, "rule"):
             raise ConfigError(f"judge_oracle must be rule or null, got {self.judge_oracle!r}")
-        if self.algo == "capo" and (self.judge == "rule" or self.judge_oracle == "rule") and self.task != "arithmetic":
-            raise ConfigError(f"the rule judge checks the arithmetic task's lines `a op b = c`; task is {self.task!r}")
-        if self.algo == "capo" and self.step_split == "chunks":
-            raise ConfigError("capo needs reasoning steps a judge can read: step_split chunks is not supported "
-                              "(use task, newline or math)")
         if not isinstance(self.capo_votes, int) or isinstance(self.capo_votes, bool) or self.capo_votes < 1:
             raise ConfigError(f"capo_votes must be an integer >= 1, got {self.capo_votes!r}")
         if self.capo_voting not in VOTING_MODES:
@@ -333,13 +326,6 @@ class TrainConfig:
             raise ConfigError(f"capo_judge_chat must be auto, true or false, got {self.capo_judge_chat!r}")
         if not isinstance(self.capo_show_answer, bool):
             raise ConfigError(f"capo_show_answer must be true or false, got {self.capo_show_answer!r}")
-        if self.algo == "capo" and self.judge == "model" and self.judge_model is not None:
-            judge_dir = Path(self.judge_model)
-            if not (judge_dir / "config.json").is_file():
-                raise ConfigError(f"judge_model {judge_dir} is not a Hugging Face checkpoint folder (no config.json)")
-            if not any((judge_dir / name).is_file() for name in TOKENIZER_FILES):
-                raise ConfigError(f"judge_model {judge_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                                  f"the judge reads and writes text")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -402,10 +388,10 @@ def _apply_per_algo(values: dict[str, Any], algo: str, path: Path) -> dict[str, 
         return values
     if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
         raise ConfigError(f"{PER_ALGO} in preset {path.name} must map algorithm names to mappings of config keys")
-    unknown = sorted(set(sections) - set(ALGOS))
+    unknown = sorted(set(sections) - set(algorithms()))
     if unknown:
         raise ConfigError(f"{PER_ALGO} in preset {path.name} names unknown algorithm(s) {', '.join(unknown)}; "
-                          f"choose from {', '.join(ALGOS)}")
+                          f"choose from {', '.join(algorithms())}")
     section = dict(sections.get(algo, {}))
     if PER_ALGO in section or "algo" in section:
         raise ConfigError(f"{PER_ALGO}.{algo} in preset {path.name} may not set algo or {PER_ALGO}")

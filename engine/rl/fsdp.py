@@ -18,7 +18,7 @@ How it meets the trainer:
   no episode in a minibatch runs one zero-weighted backward so that every rank joins it;
 * the optimizer (engine.rl.optim.AdamW, elementwise) steps on the local shards (DTensors);
 * the Engine's KV pool is released after each generation phase, for the update's memory
-  (Trainer._release_kv_for_update), and allocated again by the next generate.
+  (Trainer.release_kv_for_update), and allocated again by the next generate.
 
 * checkpoints: the HF weights (gathered; rank 0 writes them) for export and evaluation, plus
   the training state as one torch.distributed.checkpoint folder (`sharded/`: every rank's

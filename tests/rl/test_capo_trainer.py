@@ -38,7 +38,7 @@ def test_capo_advantages_with_the_rule_judge_by_hand(tmp_path):
            _episode(trainer, 0, "3+4=7\n7*2=14\n#### 14", 1.0),   # all right
            _episode(trainer, 1, "3+4=8\n8*2=16\n#### 16", 0.0),   # step 1 wrong, step 2 right from it
            _episode(trainer, 1, "4*2=8\n3+8=11\n#### 11", 1.0)]
-    row = trainer._capo_advantages(eps)
+    row = trainer.algorithm.credit(eps, trainer)
     assert [e.step_ends for e in eps] == [[6, len(e.response_ids)] for e in eps]
     flagged = [{1}, set(), {0}, set()]
     rewards = [token_rewards(e.num_tokens, e.step_ends, f, e.reward) for e, f in zip(eps, flagged)]
@@ -81,7 +81,7 @@ def test_the_judge_prompt_is_prefilled_once_per_response(tmp_path):
     prompt's KV once, never once per vote."""
     trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_votes=4, capo_judge_max_new_tokens=6,
                                        kv_cache_tokens=32768))
-    judge = trainer.judge
+    judge = trainer.algorithm.judge
     assert isinstance(judge, ModelJudge) and judge.engine.model is not trainer.policy  # frozen, its own Engine
     requests = [JudgeRequest("Compute 1+2.", ["1+2=3\n", "#### 3"], "3"),
                 JudgeRequest("Compute 5-1.", ["5-1=4\n", "#### 4"], "4"),
@@ -99,10 +99,10 @@ def test_the_judge_prompt_is_prefilled_once_per_response(tmp_path):
 
 def test_the_judge_weights_stay_frozen_while_the_policy_trains(tmp_path):
     trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4, iterations=1))
-    before = [p.detach().clone() for p in trainer.judge.engine.model.parameters()]
+    before = [p.detach().clone() for p in trainer.algorithm.judge.engine.model.parameters()]
     trainer.run()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.judge.engine.model.parameters()))
-    assert not any(p.requires_grad for p in trainer.judge.engine.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.algorithm.judge.engine.model.parameters()))
+    assert not any(p.requires_grad for p in trainer.algorithm.judge.engine.model.parameters())
 
 
 def test_a_separate_judge_checkpoint(tmp_path):
@@ -112,7 +112,7 @@ def test_a_separate_judge_checkpoint(tmp_path):
     create_tiny_checkpoint(judge_dir, seed=7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     trainer = make_trainer(fast_config(tmp_path / "run", algo="capo", judge_model=str(judge_dir)))
-    assert trainer.judge.engine.model.config.num_hidden_layers == 1
+    assert trainer.algorithm.judge.engine.model.config.num_hidden_layers == 1
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -150,7 +150,7 @@ def test_the_rule_judge_needs_the_arithmetic_task(tmp_path):
 
 def test_an_instruct_judge_reads_its_prompt_as_a_chat_turn(tmp_path):
     trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4))
-    judge = trainer.judge
+    judge = trainer.algorithm.judge
     request = JudgeRequest("Compute 1+2.", ["1+2=3\n", "#### 3"], "3")
     assert not judge.chat and judge.prompt(request).startswith("You are checking")  # no template: plain text
     judge.engine.tokenizer.chat_template = "{% for m in messages %}[U]{{ m['content'] }}{% endfor %}[A]"

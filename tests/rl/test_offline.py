@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.rl.algorithms import Minibatch
+from engine.rl.algorithms.dpo_plus import reference_seq_logprobs
 from engine.rl.config import ConfigError
 from engine.rl.offline import dpo_pairs, dpop_loss, restem_select
 from engine.rl.rollout import Episode
@@ -15,6 +17,13 @@ from engine.tasks import Item
 from test_trainer import assert_resume_reproduces, fast_config, make_trainer, rows_of  # the helpers of the same folder
 
 OFFLINE = ("restem", "dpo+")
+
+
+def _backward(trainer, micro: list, batch: Minibatch) -> dict[str, float]:
+    """The algorithm's loss of one micro-batch, backpropagated as the trainer does; its statistics."""
+    out = trainer.algorithm.loss(micro, batch, trainer)
+    out.loss.backward()
+    return out.stats
 
 
 def _ep(group: int, reward: float, n: int = 3) -> Episode:
@@ -88,12 +97,12 @@ def test_dpo_backward_matches_autograd_on_a_tiny_model(tmp_path):
             e.response_ids = torch.randint(3, 12, (e.num_tokens,), generator=g).tolist()
         pairs.append((c, r))
     episodes = [e for p in pairs for e in p]
-    trainer._reference_seq_logprobs(episodes)
+    reference_seq_logprobs(episodes, trainer)
     for e in episodes:  # move the reference away from the policy so the penalty term is active for some
         e.ref_logprobs = e.ref_logprobs + (0.3 if e.reward == 1.0 else -0.2)
     trainer.policy.zero_grad(set_to_none=True)
-    st = [trainer._dpo_backward(pairs[:2], num_pairs=3),
-          trainer._dpo_backward(pairs[2:], num_pairs=3)]  # two micro-batches of one minibatch
+    batch = Minibatch(pairs, num_units=3, num_tokens=0, where="test")
+    st = [_backward(trainer, pairs[:2], batch), _backward(trainer, pairs[2:], batch)]  # two micro-batches
     assert sum(s["dpo_chosen_penalty"] for s in st) > 0  # the hinge term is active in the compared gradient
     fused = [p.grad.clone() for p in trainer.policy.parameters()]
 
@@ -145,7 +154,7 @@ def test_restem_from_base_restarts_from_the_starting_model(tmp_path, monkeypatch
     trainer = make_trainer(fast_config(tmp_path, algo="restem", iterations=1))
     base = [p.detach().clone() for p in trainer.ref.parameters()]
     seen = []
-    real = trainer._offline_update
+    real = trainer._update
 
     def spy(units):
         seen.append([p.detach().clone() for p in trainer.policy.parameters()])
@@ -154,7 +163,7 @@ def test_restem_from_base_restarts_from_the_starting_model(tmp_path, monkeypatch
     with torch.no_grad():  # pretend an earlier iteration moved the policy
         for p in trainer.policy.parameters():
             p.add_(0.01)
-    monkeypatch.setattr(trainer, "_offline_update", spy)
+    monkeypatch.setattr(trainer, "_update", spy)
     trainer.task.reward = lambda response, item, finish_reason="stop": 1.0  # every finished sample is kept
     trainer.iteration = 1
     row = trainer.train_iteration()
@@ -280,8 +289,9 @@ def test_restem_loss_aggregation_matches_autograd(tmp_path, aggregation):
     for e in eps:
         e.response_ids = torch.randint(3, 12, (e.num_tokens,), generator=g).tolist()
     trainer.policy.zero_grad(set_to_none=True)
-    trainer._restem_backward(eps[:2], eps)
-    trainer._restem_backward(eps[2:], eps)  # two micro-batches of one minibatch
+    batch = Minibatch(eps, num_units=len(eps), num_tokens=sum(e.num_tokens for e in eps), where="test")
+    _backward(trainer, eps[:2], batch)
+    _backward(trainer, eps[2:], batch)  # two micro-batches of one minibatch
     packed = [p.grad.clone() for p in trainer.policy.parameters()]
     trainer.policy.zero_grad(set_to_none=True)
     nll = []

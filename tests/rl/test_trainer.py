@@ -76,7 +76,7 @@ def test_two_iterations_of_each_algorithm(tmp_path, algo):
 
 
 def test_dr_grpo_divides_summed_losses_by_the_generation_budget(tmp_path, monkeypatch):
-    import engine.rl.trainer as trainer_module
+    import engine.rl.algorithms.policy_gradient as trainer_module  # (where the PPO-clip loss is called)
 
     calls = []
 
@@ -313,7 +313,7 @@ def test_an_sft_batch_smaller_than_the_world_size_is_an_error_before_any_work(tm
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     trainer = make_trainer(fast_config(tmp_path, iterations=2))
-    real = trainer._token_logprobs
+    real = trainer.token_logprobs
 
     def poisoned(model, packed, with_entropy=False):
         out = real(model, packed, with_entropy)
@@ -321,7 +321,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
             return out * float("nan") if not with_entropy else (out[0] * float("nan"), out[1])
         return out
 
-    monkeypatch.setattr(trainer, "_token_logprobs", poisoned)
+    monkeypatch.setattr(trainer, "token_logprobs", poisoned)
     with pytest.raises(TrainingDiverged, match="iteration 2, epoch 0, minibatch 0"):
         trainer.run()
     assert (trainer.run_dir / "checkpoints" / "latest").read_text() == "iter_000001"
@@ -416,13 +416,13 @@ def test_stop_string_tokens_are_replaced_by_eos():
 
 def inflate_training_logprobs(trainer: Trainer, monkeypatch, nats: float = 5.0) -> None:
     """Add `nats` to the log-probs the update computes (with grad): every ratio becomes e^nats."""
-    real = trainer._token_logprobs
+    real = trainer.token_logprobs
 
     def inflated(model, packed, with_entropy=False):
         out = real(model, packed, with_entropy)
         return out + nats if torch.is_grad_enabled() and not with_entropy else out
 
-    monkeypatch.setattr(trainer, "_token_logprobs", inflated)
+    monkeypatch.setattr(trainer, "token_logprobs", inflated)
 
 
 def test_far_off_policy_micro_batches_are_skipped(tmp_path, monkeypatch):
@@ -442,22 +442,22 @@ def test_a_skipped_micro_batch_still_trains_the_critic(tmp_path, monkeypatch):
     trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, kl_coef=0.0))
     inflate_training_logprobs(trainer, monkeypatch)
     policy = [p.detach().clone() for p in trainer.policy.parameters()]
-    head = trainer.critic.head.weight.detach().clone()
+    head = trainer.algorithm.critic.head.weight.detach().clone()
     row = trainer.train_iteration()
     assert row["skipped_micro_batches"] == 2.0 and row["value_loss"] > 0
     assert all(torch.equal(a, b) for a, b in zip(policy, trainer.policy.parameters()))
-    assert not torch.equal(head, trainer.critic.head.weight)
+    assert not torch.equal(head, trainer.algorithm.critic.head.weight)
 
 
 def test_value_head_starts_as_the_references(tmp_path):
     import math
 
-    from engine.rl.trainer import ValueModel
+    from engine.rl.algorithms.ppo import ValueModel
 
     trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, seed=3))
     hidden = trainer.policy.config.hidden_size
     want = torch.randn(1, hidden, generator=torch.Generator().manual_seed(3)) / math.sqrt(hidden + 1)
-    assert torch.equal(trainer.critic.head.weight.cpu(), want) and not trainer.critic.head.bias.any()
+    assert torch.equal(trainer.algorithm.critic.head.weight.cpu(), want) and not trainer.algorithm.critic.head.bias.any()
     state = torch.random.get_rng_state()
     ValueModel(trainer.policy, seed=3)
     assert torch.equal(state, torch.random.get_rng_state())  # the run's random stream is untouched
@@ -477,10 +477,11 @@ def test_gsm8k_preset_values_the_prompt_and_25_step_states(tmp_path):
 def test_ppo_critic_trains_in_training_mode(tmp_path, monkeypatch):
     trainer = make_trainer(fast_config(tmp_path, algo="ppo", iterations=1, gradient_checkpointing=True))
     modes = []
-    real = trainer._critic_backward
-    monkeypatch.setattr(trainer, "_critic_backward", lambda *a: (modes.append(trainer.critic.training), real(*a))[1])
-    head = trainer.critic.head.weight.detach().clone()
+    (critic,) = trainer.trainables
+    real = critic.micro_backward
+    monkeypatch.setattr(critic, "micro_backward", lambda *a: (modes.append(trainer.algorithm.critic.training), real(*a))[1])
+    head = trainer.algorithm.critic.head.weight.detach().clone()
     trainer.run()
     assert modes and all(modes)           # checkpointing (and any train-only behaviour) is on
-    assert not trainer.critic.training    # and off again for the next value pass
-    assert not torch.equal(head, trainer.critic.head.weight)
+    assert not trainer.algorithm.critic.training    # and off again for the next value pass
+    assert not torch.equal(head, trainer.algorithm.critic.head.weight)
