@@ -60,6 +60,15 @@ def test_engine_kernels_is_ours_from_any_directory(where: str, tmp_path: Path) -
     assert Path(r.stdout.strip()).resolve() == ROOT / "engine" / "kernels" / "fused_logprobs.py"
 
 
+def test_the_aot_compile_child_runs_from_the_folder_that_holds_engine() -> None:
+    """`run_scenarios` starts `python -m engine.kernels.aot` there with PYTHONPATH set to it: the
+    package's parent, not the package (which would also expose engine/kernels as `kernels`)."""
+    r = _run("from engine.kernels import aot; print(aot.PACKAGE_ROOT)", cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = Path(r.stdout.strip())
+    assert root == ROOT and (root / "engine" / "kernels" / "aot.py").is_file() and not (root / "kernels").exists()
+
+
 def test_the_kernels_import_nothing_else_from_engine() -> None:
     """engine/kernels stands alone: importing it loads no other part of the package."""
     r = _run("import sys, engine.kernels, engine.kernels.aot\n"

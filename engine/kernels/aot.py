@@ -181,6 +181,10 @@ class _CudaLike:
         return getattr(self._t, name)
 
 
+# The folder that holds the `engine` package: the child's working directory and first sys.path
+# entry, so it imports this very tree with or without an installed copy (make gpu-check installs none).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
 KERNELS = {  # module -> its Triton kernels (every one some launcher starts)
     "engine.kernels.decode_attention": ("_decode_split_kernel",),
     "engine.kernels.shared_prefix_attention": ("_prefix_kernel",),
@@ -503,7 +507,7 @@ def run_scenarios(scenarios: list[Scenario], workers: int | None = None, cache_d
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the 3.9 default, stated (silences its warning)
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(PACKAGE_ROOT)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "engine.kernels.aot", "--workers", str(workers or 0), *(s.label for s in scenarios)]
     results: dict[str, dict] = {}

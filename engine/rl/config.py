@@ -41,6 +41,8 @@ def algorithms() -> tuple[str, ...]:
 def _algorithm(name: str):
     from engine.rl.algorithms import REGISTRY
 
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown algo {name!r}; choose one of {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -126,13 +128,16 @@ class TrainConfig:
     adam_betas: tuple = (0.9, 0.999)
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip: float | None = None     # cap -A * ratio at -A * dual_clip where A < 0 (verl's default 3.0; VinePPO: off)
+    tis_cap: float | None = None       # truncated importance sampling: weight each token's policy-gradient term by
+    #                                    min(exp(old_logprob - sampler_logprob), tis_cap) (Yao et al. 2025); off
     kl_coef: float = 1e-4
     kl_estimator: str = "k3"
     kl_aggregation: str = "seq-mean-token-sum"
     loss_aggregation: str = "token-mean"
     entropy_coef: float = 0.0
     skip_ratio_above: float | None = 10.0  # skip a micro-batch whose mean ratio exceeds this (VinePPO's guard)
-    whiten_advantages: str | bool = "auto"  # auto = on for vineppo and ppo, off for grpo and rloo
+    whiten_advantages: str | bool = "auto"  # auto = the algorithm's choice (on for vineppo and ppo)
     gradient_checkpointing: bool = False
     # ---- engine
     page_size: int = 16
@@ -158,7 +163,7 @@ class TrainConfig:
     tensorboard: bool = True           # when installed
     stop_after: int | None = None      # stop after this iteration as if interrupted (resume later)
     # ---- data parallelism (torchrun --nproc-per-node N -m engine.train; engine/rl/distributed.py)
-    parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: sharded with FSDP2 (vineppo/grpo/rloo; a prototype)
+    parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: sharded with FSDP2 (every algorithm)
     dist_timeout_s: int = 300          # collective timeout: a failed rank ends the others within this
     # auto = on under torchrun: every prompt's samples seeded by (seed, iteration, prompt index) and
     # every MC state's rollouts by (seed, iteration, its tokens), so the episodes do not depend on
@@ -280,6 +285,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {get_args(Aggregation)}, got {getattr(self, name)!r}")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        for name in ("dual_clip", "tis_cap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 1 < value < math.inf):
+                raise ConfigError(f"{name} must be a number > 1 or null, got {value!r}")
         if self.skip_ratio_above is not None and not self.skip_ratio_above > 1:
             raise ConfigError(f"skip_ratio_above must be > 1 or null, got {self.skip_ratio_above}")
         if self.seeded_sampling not in ("auto", True, False):

@@ -5,7 +5,7 @@ masked-out positions may hold any finite value).
 Advantages are per token, which is what VinePPO (step values broadcast to tokens) and CAPO
 (token rewards) need; a per-sequence advantage is simply broadcast by the caller.
 
-    ratio   = exp(logprobs - old_logprobs)
+    ratio   = exp(clamp(logprobs - old_logprobs, -20, 20))
     pg      = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
     pg      = min(pg, -A * dual_clip)            where A < 0, when dual_clip is set
     loss    = agg(pg) + kl_coef * agg_kl(kl(logprobs, ref_logprobs)) - entropy_coef * agg(entropy)
@@ -25,6 +25,11 @@ import torch
 Aggregation = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
 K3_MAX = 10.0  # VinePPO clamps the k3 estimate to [0, 10] per token
+# Log-ratios (and k3's d) are clamped to this before exp, as verl does: exp(95) overflows fp32 and
+# bf16 (max ~88.7 nats), and where the forward picks the clip the backward would still multiply
+# a zero by that infinite derivative (NaN). Where |x| <= 20 nothing changes; beyond, the clipped
+# branch, the k3 clamp to 10 and the ratio guard decide the value as before.
+LOG_RATIO_MAX = 20.0
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
@@ -48,6 +53,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
         return -d
     if estimator == "k2":
         return 0.5 * d.square()
+    d = d.clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)  # (the value is the clamp's 10 there either way; no 0 * inf)
     return (torch.exp(d) - d - 1.0).clamp(0.0, K3_MAX)
 
 
@@ -158,6 +164,7 @@ def ppo_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     norm_length: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PPOStats]:
     """Clipped-surrogate PPO loss (scalar, to minimise) and its logging statistics.
 
@@ -168,12 +175,14 @@ def ppo_loss(
     num_tokens / num_seqs: the token and sequence counts of the whole minibatch when this call
     sees one micro-batch of it (see `aggregate`); they affect the loss terms, not the statistics.
     norm_length: the constant of the "seq-mean-token-sum-norm" aggregation (Dr.GRPO).
+    token_weights [B, T]: constants multiplying each token's policy-gradient term (truncated
+    importance sampling against the sampler's log-probs, `tis_cap`); None = 1.
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T]; got shape {tuple(logprobs.shape)}")
     for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         _check(name, x, logprobs)
-    for name, x in (("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+    for name, x in (("ref_logprobs", ref_logprobs), ("entropy", entropy), ("token_weights", token_weights)):
         if x is not None:
             _check(name, x, logprobs)
     kl_aggregation = aggregation if kl_aggregation is None else kl_aggregation
@@ -199,7 +208,7 @@ def ppo_loss(
 
     keep = mask.bool()
     adv = advantages.detach().to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs.detach()
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_MAX, LOG_RATIO_MAX)
     ratio = torch.exp(log_ratio)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
     clipped_low = (adv < 0) & (ratio < 1.0 - clip_low)
@@ -209,6 +218,8 @@ def ppo_loss(
         # For A < 0 the loss above grows without bound in the ratio; cap it at -A * dual_clip.
         clipped_dual = (adv < 0) & (ratio > dual_clip)
         pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    if token_weights is not None:
+        pg = pg * token_weights.detach().to(pg.dtype)
     norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg_loss = aggregate(pg, keep, aggregation, **norm)
     loss = pg_loss

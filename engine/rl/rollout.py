@@ -41,6 +41,9 @@ class Episode:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    # The sampler's log-prob of each response token (the Engine's, at the sampling temperature);
+    # NaN for a token it did not draw (the EOS that replaces a stop string). None: not requested.
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +94,7 @@ def sample_episodes(engine: Engine, task: Task, items: Sequence[Item],
     for g, (item, ids, completions) in enumerate(zip(items, prompts, outs), start=first_group):
         for c in completions:
             response = list(c.token_ids)
+            sampled = list(c.logprobs) if c.logprobs is not None else None
             finish = c.finish_reason
             if stop and finish == "stop" and response[-1] not in eos:
                 response = trim_stop_string(tok, response, c.text, tok.eos_token_id)
@@ -99,8 +103,13 @@ def sample_episodes(engine: Engine, task: Task, items: Sequence[Item],
                 while len(response) > 1 and response[-1] in eos:  # (an EOS-only response keeps its one token)
                     response.pop()
             reward = 0.0 if finish == "unfinished" else task.reward(c.text, item, finish)
+            lps = None
+            if sampled is not None:  # (the kept tokens are a prefix of the sampled ones, maybe plus an EOS)
+                lps = torch.tensor((sampled + [math.nan] * len(response))[: len(response)], dtype=torch.float32)
+                if len(response) <= len(c.token_ids) and response != list(c.token_ids[: len(response)]):
+                    lps[-1] = math.nan  # the EOS that replaced a stop string was not drawn
             episodes.append(Episode(group=g, item=item, prompt_ids=list(ids), response_ids=response,
-                                    text=c.text, finish_reason=finish, reward=reward))
+                                    text=c.text, finish_reason=finish, reward=reward, sampler_logprobs=lps))
     return episodes
 
 

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends a response
 from engine.kernels.fused_logprobs import fused_logprobs
 from engine.model import Transformer, create_tiny_checkpoint, load_model
-from engine.rl import checkpointing, evaluation
+from engine.rl import checkpointing, evaluation, metrics
 from engine.rl.algorithms import REGISTRY, Minibatch, Trainable, TrainingDiverged
 from engine.rl.algorithms.base import MAX_STATS
 from engine.rl.config import ALL, ConfigError, TrainConfig, dump_config
@@ -147,6 +147,7 @@ class Trainer:
             self.engine = Engine(self.policy, self.tokenizer, page_size=cfg.page_size, max_num_seqs=cfg.max_num_seqs,
                                  max_batch_tokens=cfg.max_batch_tokens, kv_cache_tokens=cfg.kv_cache_tokens,
                                  kv_memory_fraction=cfg.kv_memory_fraction)
+        self.algorithm.after_engine(self)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             checkpointing.load_latest(self)
@@ -191,6 +192,9 @@ class Trainer:
         if self.cfg.sft_steps and self.cfg.sft_batch_size < world:
             raise ConfigError(f"sft_batch_size {self.cfg.sft_batch_size} is smaller than the world size {world}: "
                               f"every rank trains on a share of each SFT batch")
+        if self.cfg.seeded_sampling is False:
+            raise ConfigError(f"seeded_sampling: false under data parallelism (world size {world}) would give every "
+                              f"rank the same random draws (every rank seeds torch alike): use auto or true")
         if self.prompts_per_iteration % world:
             raise ConfigError(f"prompts_per_iteration {self.prompts_per_iteration} is not divisible by the world size "
                               f"{world}: every rank samples an equal share of the prompts")
@@ -360,7 +364,8 @@ class Trainer:
             row.update(adv_mean=float(adv.mean()), adv_std=float(adv.std()) if adv.numel() > 1 else 0.0,
                        adv_abs_mean=float(adv.abs().mean()), adv_zero_frac=float((adv == 0).float().mean()))
         if algo.needs_old_logprobs:
-            row.update(self._logprob_metrics(episodes),
+            row.update(metrics.logprob_metrics(episodes, self.dist, with_ref=self.ref is not None),
+                       **metrics.mismatch_metrics(episodes, self.dist),
                        update_tokens_per_s=sum(every["num_tokens"]) * cfg.epochs / max(times["update"], 1e-9))
         return row
 
@@ -371,7 +376,7 @@ class Trainer:
         world size and batch. (Under fsdp, call it inside self.gathered().)"""
         cfg = self.cfg
         params = SamplingParams(n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, stop=self.stop)
+                                max_new_tokens=cfg.max_new_tokens, stop=self.stop, logprobs=True)
         items = self._items_for(self.iteration)
         lo, hi = self.dist.shard(len(items))
         base = self.iteration_seed("sample")
@@ -402,18 +407,6 @@ class Trainer:
                 ep.old_logprobs, ep.entropy, ep.ref_logprobs = lp_i, ent_i, ref_i
         if self.ref is not None and self.cfg.ref_offload:
             self.ref.to("cpu")  # its log-probs are all computed: free the GPU memory for the update
-
-    def _logprob_metrics(self, episodes: list[Episode]) -> dict[str, float]:
-        """The policy's entropy on the sampled tokens and (with a reference) k3 KL to it, before the update."""
-        gathered = self.dist.all_gather_object(
-            {"entropy": torch.cat([e.entropy for e in episodes]),
-             "old": torch.cat([e.old_logprobs for e in episodes]) if self.ref is not None else None,
-             "ref": torch.cat([e.ref_logprobs for e in episodes]) if self.ref is not None else None})
-        out = {"entropy": float(torch.cat([g["entropy"] for g in gathered]).mean())}
-        if self.ref is not None:
-            d = torch.cat([g["ref"] for g in gathered]) - torch.cat([g["old"] for g in gathered])
-            out["kl_ref"] = float((torch.exp(d) - d - 1).mean())
-        return out
 
     # ------------------------------------------------------------------ update
     def _update(self, units: list) -> dict:
@@ -494,13 +487,13 @@ class Trainer:
 
                 set_sync(self._fsdp, last=j == len(micros) - 1)
             out = algo.loss(micro, batch, self)
-            if not torch.isfinite(out.loss):
+            if out.skipped:  # the ratio guard first: its graph is dropped, finite or not
+                if self._fsdp:  # (every backward of the schedule runs; a fresh one adds zero, never NaN)
+                    self._zero_backward(anchor, last=None)
+            elif not torch.isfinite(out.loss):
                 raise TrainingDiverged(f"non-finite {cfg.algo} loss ({out.loss.item()}) at {batch.where}; the update "
                                        f"was not applied and the last checkpoint in {self.run_dir / 'checkpoints'} "
                                        f"is kept")
-            if out.skipped:  # the graph is dropped (fsdp: every backward of the schedule runs; this one adds zero)
-                if self._fsdp:
-                    (out.loss * 0.0).backward()
             else:
                 out.loss.backward()
             add(out.stats)
@@ -542,12 +535,13 @@ class Trainer:
         totals["grad_norm"] = grad_norm
         return totals
 
-    def _zero_backward(self, episode: Episode) -> None:
+    def _zero_backward(self, episode: Episode, last: bool | None = True) -> None:
         """A backward of the policy that adds zero to every gradient (fsdp's gradient sync needs
-        every rank)."""
+        every rank); `last`: this minibatch's syncing backward (None: as set already)."""
         from engine.rl.fsdp import set_sync
 
-        set_sync(self._fsdp, last=True)
+        if last is not None:
+            set_sync(self._fsdp, last=last)
         packed = Packed.build([episode], self.device)
         (self.token_logprobs(self.policy, packed).sum() * 0.0).backward()
 

@@ -285,3 +285,48 @@ def test_micro_batches_with_global_counts_sum_to_the_minibatch_loss(mode, kl_mod
                            num_tokens=int(mask.sum()), num_seqs=b)
         parts = parts + part
     torch.testing.assert_close(parts, whole)
+
+
+# ------------------------------------------------------------------ overflow (log-ratio of 95 nats)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_huge_log_ratio_gives_finite_loss_and_gradients(dtype):
+    """exp(95) overflows fp32 and bf16: the clipped branch's value was right, but its backward
+    multiplied zero by an infinite derivative (NaN), which stopped healthy runs."""
+    old = torch.zeros(1, 4, dtype=dtype)
+    logp = torch.tensor([[95.0, 95.0, -95.0, 0.1]], dtype=dtype).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]], dtype=dtype)
+    ref = torch.zeros(1, 4, dtype=dtype)
+    loss, stats = ppo_loss(logp, old, adv, torch.ones(1, 4), ref_logprobs=ref, kl_coef=0.1, dual_clip=3.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (loss, grad)
+    assert grad[0, 0] == 0 and grad[0, 1] == 0  # clipped (high; dual) and k3 at its clamp: no gradient
+    assert stats.ratio_mean > 10  # the ratio guard still sees a far off-policy micro-batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k3_at_a_log_ratio_of_95_is_ten_with_a_zero_gradient(dtype):
+    logp = torch.tensor([[-95.0, -1.0]], dtype=dtype).requires_grad_()
+    ref = torch.tensor([[0.0, -1.0]], dtype=dtype)  # d = 95: exp(d) overflows
+    kl = kl_penalty(logp, ref, "k3")
+    assert kl.float().tolist() == [[10.0, 0.0]]
+    (grad,) = torch.autograd.grad(kl.sum(), logp)
+    assert grad.float().tolist() == [[0.0, 0.0]]
+
+
+def test_the_clamp_leaves_finite_values_unchanged():
+    """Within +-20 nats the loss is the formula's exactly; the k3 clamp to 10 covers what lies beyond."""
+    logp = torch.tensor([[19.0, -19.0, 2.0]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, 1.0, -0.5]], dtype=torch.float64)
+    loss, _ = ppo_loss(logp, torch.zeros_like(logp), adv, torch.ones_like(logp))
+    ratio = logp.exp()
+    want = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_token_weights_scale_each_tokens_policy_gradient():
+    logp = one_row(LOG(1.1), LOG(1.1)).requires_grad_()
+    loss, _ = ppo_loss(logp, one_row(0.0, 0.0), one_row(1.0, 1.0), one_row(1.0, 1.0),
+                       token_weights=one_row(0.5, 2.0))
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == pytest.approx(-(0.5 * 1.1 + 2.0 * 1.1) / 2)
+    assert grad[0].tolist() == pytest.approx([-0.5 * 1.1 / 2, -2.0 * 1.1 / 2])

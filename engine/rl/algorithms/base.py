@@ -12,6 +12,8 @@ checkpoints, metrics and evaluation. An algorithm says what it needs and provide
 - `setup(ctx)`: builds its own extra trainables (PPO's critic) and helpers (CAPO's judge).
   Called once, after the policy and the reference exist and before the optimizer, the
   sharding and the Engine;
+- `after_engine(ctx)`: once the policy's Engine exists (CAPO builds its judge's Engine here, so
+  that the judge's KV pool is sized from what the policy's left free, before any work);
 - `credit(episodes, ctx)`: sets each episode's per-token `advantages`; returns metrics. It may
   generate through `ctx.engine` (VinePPO's MC rollouts); it may not touch the parameters;
 - `units(episodes, ctx)`: what the update walks (the episodes; RestEM's kept samples, DPO+'s
@@ -151,6 +153,9 @@ class Algorithm:
 
     def setup(self, ctx: TrainerContext) -> list[Trainable]:
         return []
+
+    def after_engine(self, ctx: TrainerContext) -> None:
+        pass
 
     def credit(self, episodes: list[Episode], ctx: TrainerContext) -> dict[str, float]:
         raise NotImplementedError

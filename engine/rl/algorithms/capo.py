@@ -30,10 +30,12 @@ class CAPO(GroupRelative):
         self._ctx = ctx
         return []
 
+    def after_engine(self, ctx: TrainerContext) -> None:
+        self.judge  # noqa: B018 - built now: its KV pool takes kv_memory_fraction of what the policy's left free
+
     @property
     def judge(self) -> RuleJudge | ModelJudge:
-        """Built on first use, once the policy's Engine exists: a model judge's KV pool takes
-        kv_memory_fraction of what the policy's pool left free."""
+        """The judge (built once, after the policy's Engine)."""
         if self._judge is None:
             self._judge = self.make_judge(self._ctx)
         return self._judge

@@ -27,11 +27,12 @@ class PolicyGradient(Algorithm):
         mask = packed.mask()
         pad = lambda xs: packed.pad(torch.cat(xs).to(ctx.device))  # noqa: E731
         need_entropy = cfg.entropy_coef != 0
+        weights = pad([tis_weights(e, cfg.tis_cap) for e in micro]) if cfg.tis_cap is not None else None
         out = ctx.token_logprobs(ctx.policy, packed, with_entropy=need_entropy)
         lp, ent = out if need_entropy else (out, None)
         loss, st = ppo_loss(
             packed.pad(lp), pad([e.old_logprobs for e in micro]), pad([batch.advantages[id(e)] for e in micro]), mask,
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, token_weights=weights,
             ref_logprobs=pad([e.ref_logprobs for e in micro]) if ctx.ref is not None else None,
             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, kl_aggregation=cfg.kl_aggregation,
             entropy=packed.pad(ent) if ent is not None else None, entropy_coef=cfg.entropy_coef,
@@ -48,6 +49,14 @@ class PolicyGradient(Algorithm):
             else:  # token means of this micro-batch -> token mean of the minibatch
                 stats[k] = v * share
         return LossOut(loss, stats)
+
+
+def tis_weights(ep: Episode, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(exp(old - sampler), cap) per response token (Yao et al.
+    2025): the update is on-policy for the trainer's numerics, the samples came from the
+    sampler's. A token the sampler did not draw (the EOS that replaces a stop string) weighs 1."""
+    w = torch.exp(ep.old_logprobs - ep.sampler_logprobs).clamp(max=cap)
+    return torch.where(torch.isnan(ep.sampler_logprobs), torch.ones_like(w), w)
 
 
 def whiten(minibatch: list[Episode], ctx: TrainerContext) -> dict[int, torch.Tensor]:
