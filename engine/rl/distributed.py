@@ -129,7 +129,9 @@ class Dist:
                 bucket.append(p.grad)
                 size += p.grad.numel()
             if bucket and (p is None or size >= bucket_elements):
-                flat = torch.cat([g.reshape(-1) for g in bucket])
+                # summed in fp32 whatever the gradients' dtype: a bf16 sum rounds at every
+                # addition of the reduction, fp32 once when copied back
+                flat = torch.cat([g.reshape(-1).float() for g in bucket])
                 self.all_reduce_sum(flat)
                 offset = 0
                 for g in bucket:

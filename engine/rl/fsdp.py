@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from engine.model.fused_linear import unfuse_linears
 from engine.rl.optim import LOW_PRECISION
@@ -65,9 +65,12 @@ def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None =
     unfuse_linears(transformer)
     # the mesh on the model's device type (not FSDP's default, CUDA whenever present)
     mesh = init_device_mesh(next(root.parameters()).device.type, (tdist.get_world_size(),))
+    # Gradients are reduce-scattered in fp32 (a bf16 reduction rounds at every addition); the
+    # parameters keep their dtype (no param_dtype cast).
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for module in [*transformer.model.layers, *own_groups]:
-        fully_shard(module, mesh=mesh, reshard_after_forward=False)
-    fully_shard(root, mesh=mesh, reshard_after_forward=False)
+        fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     if unshard_method is not None:
         register_fsdp_forward_method(root, unshard_method)
     modules = [m for m in root.modules() if isinstance(m, FSDPModule)]

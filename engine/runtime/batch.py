@@ -369,7 +369,8 @@ class Staging:
         dev = buf[:total].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # (the copy's stream: the Engine's device, not
+            #                                                       the current one, e.g. cuda:1 in one process)
             self._events[i] = event
         out = {}
         for name, a, off in layout:

@@ -17,6 +17,7 @@ the default elsewhere). On CUDA with Triton, decode-only steps replay CUDA graph
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 import time
 import warnings
@@ -351,8 +352,17 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("string prompts need a tokenizer: pass one to Engine(model, tokenizer)")
             ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dim() != 1:
+                raise ValueError(f"prompt {index} must be a 1-d integer tensor of token ids, got {prompt.dtype} "
+                                 f"of shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(prompt)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+            if bad is not None:  # (int(1.5) would silently sample from another prompt)
+                raise ValueError(f"prompt {index} has token id {bad!r}: token ids must be integers")
+            ids = [int(t) for t in ids]
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         vocab = self.config.vocab_size

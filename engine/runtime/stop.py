@@ -105,12 +105,20 @@ class StopMatcher:
         return text[:max(0, len(text) - (len(generated) - len(kept)))]
 
     def _decode_tail(self, seq: Sequence, keep: int) -> tuple[str, int]:
-        """(the last keep + 1 + EXACT_WINDOW tokens decoded together, length of its prompt-only prefix)."""
-        start = max(0, len(seq.tokens) - keep - 1 - EXACT_WINDOW)
-        text = self.tokenizer.decode(seq.tokens[start:], skip_special_tokens=True)
+        """(the last tokens decoded together, length of its prompt-only prefix): at least keep + 1 +
+        EXACT_WINDOW tokens, and more while the text before the newest token is shorter than `keep`
+        characters (special tokens decode to nothing: a prompt may end with several), so a stop
+        string that starts further back is seen."""
+        step = keep + 1 + EXACT_WINDOW
+        start = max(0, len(seq.tokens) - step)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        while start > 0 and len(decode(seq.tokens[start:-1])) < keep:
+            step *= 2
+            start = max(0, len(seq.tokens) - step)
+        text = decode(seq.tokens[start:])
         if start >= seq.prompt_len:
             return text, 0  # all generated (a match lying in older text would have stopped earlier)
-        head = self.tokenizer.decode(seq.tokens[start:seq.prompt_len], skip_special_tokens=True)
+        head = decode(seq.tokens[start:seq.prompt_len])
         return text, len(commonprefix([head, text]))
 
 

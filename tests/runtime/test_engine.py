@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import numpy as np
 import torch
 
 from engine import Engine, SamplingParams, load_model
@@ -298,6 +299,12 @@ def test_top_k_and_top_p_keep_the_right_tokens():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(n=0), "n must be"), (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0 .*got nan"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0 .*got inf"),
+    (dict(top_p=float("nan")), "top_p must be in \\(0, 1\\], got nan"),
+    (dict(seed=1.5), "seed must be an integer or None, got 1.5"), (dict(seed=True), "seed must be an integer"),
+    (dict(stop_token_ids=[2.0]), "stop_token_ids must be integers >= 0, got \\(2.0,\\)"),
+    (dict(stop=[""]), "stop strings must be non-empty strings"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -310,6 +317,12 @@ def test_bad_prompts_and_pools(tiny):
     limit = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"prompt 1 has {limit} tokens; the model's context is {limit}"):
         engine.generate([[5], [5] * limit], GREEDY)
+    with pytest.raises(ValueError, match=r"prompt 0 has token id 1.5: token ids must be integers"):
+        engine.generate([[1.5, 2.0]], GREEDY)  # (int() would have made it the prompt [1, 2])
+    with pytest.raises(ValueError, match=r"prompt 0 must be a 1-d integer tensor of token ids, got torch.float32"):
+        engine.generate([torch.tensor([1.0, 2.0])], GREEDY)
+    assert engine.generate([torch.tensor([5, 6]), np.array([5, 6])], GREEDY)[0][0].token_ids == \
+        engine.generate([[5, 6]], GREEDY)[0][0].token_ids  # integer tensors and arrays are fine
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         engine.generate([[]], GREEDY)
     with pytest.raises(ValueError, match=r"token id 128, outside the vocabulary \[0, 128\)"):
@@ -359,3 +372,20 @@ def test_siblings_of_a_fork_run_next_to_each_other(tiny):
     batch = engine.scheduler.schedule()
     assert [s.request for s in batch.seqs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(end - start == 1 for start, end in zip(batch.starts, batch.ends)) and batch.decode_only
+
+
+def test_inference_never_calls_a_decoder_layer_module(tiny, monkeypatch):
+    """Generation runs each layer through `forward_fused`, never `layer(...)`: under --parallel
+    fsdp a module call goes through FSDP's hooks and would make that layer a root of its own."""
+    from engine.model.transformer import DecoderLayer
+
+    model, tok = tiny
+    want = Engine(model, tok, page_size=4, kv_cache_tokens=256).generate([[5, 6, 7]], GREEDY)[0][0].token_ids
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the inference path called a DecoderLayer module")
+
+    monkeypatch.setattr(DecoderLayer, "forward", refuse)
+    engine = Engine(model, tok, page_size=4, kv_cache_tokens=256)
+    assert engine.generate([[5, 6, 7]], GREEDY)[0][0].token_ids == want
+    assert engine.generate([[5, 6, 7, 8], [5, 6, 7, 9]], SamplingParams(n=2, max_new_tokens=4, seed=3))

@@ -193,6 +193,23 @@ def test_a_stop_string_inside_the_prompt_never_stops(tokenizer):
     assert matcher.cut(seq, text) == text[:text.find("42")] and matcher.cut(seq, text).endswith("12+30=")
 
 
+def test_special_tokens_at_the_end_of_the_prompt_do_not_hide_a_stop_string(tokenizer):
+    """Special tokens decode to nothing: after 19 of them the exact path's window of
+    keep + 1 + 8 tokens held no character of the prompt, and a stop string that starts in the
+    prompt's text before them was missed."""
+    matcher = StopMatcher(tokenizer)
+    stop = ("\n\n\nProblem:",)
+    text = "Solution:\nStep 1: 12+30=42\n\n\nProblem: again"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    special = tokenizer.convert_tokens_to_ids("</s>") if "</s>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    assert special in tokenizer.all_special_ids
+    for k in _split_inside(tokenizer, ids, text, stop[0]):
+        prompt, generated = ids[:k] + [special] * 19, ids[k:]
+        exact = _first_stop_exact(tokenizer, prompt, generated, stop)
+        assert exact is not None  # the reference sees the stop string across the specials
+        assert _first_stop_incremental(matcher, prompt, generated, stop) == exact, k
+
+
 def test_cut_at_stop_with_a_context():
     from engine.runtime.params import cut_at_stop
 
