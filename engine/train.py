@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     from engine.rl.distributed import init_from_env, run_ranks
 
-    dist = init_from_env(cfg.dist_timeout_s, cfg.device)
+    dist = init_from_env(cfg.dist_timeout_s, cfg.device, cfg.checkpoint_timeout_s)
     # under torchrun, an error on any rank ends every rank (engine/rl/distributed.py)
     return run_ranks(dist, lambda: _main(args, cfg, dist))
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"  # parallel fsdp: the parameter and optimizer shards (torch.distributed.checkpoint)
-RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s")
+RESUME_MAY_CHANGE = ("iterations", "stop_after", "dist_timeout_s", "checkpoint_timeout_s")
 PREVIOUS_RUN_FILES = ("checkpoints", "sft", "init", "final", "tb", "metrics.jsonl", "curves.png", "summary.json")
 
 
@@ -47,22 +47,43 @@ def clear_previous_run(run_dir: Path, verbose: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def rng_state() -> dict:
+def rng_state(cuda_by_rank: list[torch.Tensor] | None = None) -> dict:
+    """The host generators (rank 0's: every rank seeds them alike) and each rank's own CUDA
+    generator state (`cuda_by_rank`, gathered by `cuda_states`), for an exact resume."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_by_rank is not None:
+        state["cuda_by_rank"] = cuda_by_rank
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def cuda_states(trainer: "Trainer") -> list[torch.Tensor] | None:
+    """Every rank's CUDA generator state of its own device, by rank (collective); None off CUDA."""
+    if trainer.device.type != "cuda":
+        return None
+    return trainer.dist.all_gather_object(torch.cuda.get_rng_state(trainer.device).cpu())
+
+
+def set_rng_state(state: dict, rank: int = 0, device: torch.device = torch.device("cpu")) -> None:
+    """Restore `state` on this rank: the host generators, and this rank's saved CUDA state on its
+    current device (a node with fewer GPUs than the saving one is fine; a rank that did not exist
+    then keeps its seeded state)."""
     random.setstate(_tuples(state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    if "cuda_by_rank" in state:
+        saved = state["cuda_by_rank"]
+        mine = saved[rank] if rank < len(saved) else None
+    else:  # (before 2026-12-06: rank 0's get_rng_state_all(), one state per GPU it could see)
+        saved = state.get("cuda", [])
+        index = device.index if device.index is not None else 0
+        mine = saved[index] if index < len(saved) else None
+    if mine is not None:
+        torch.cuda.set_rng_state(mine, device)
 
 
 def _tuples(x):
@@ -91,14 +112,22 @@ def save_checkpoint(trainer: "Trainer") -> Path:
     if trainer.sharded:  # every rank writes its shards (DCP) before rank 0 publishes the folder
         from engine.rl.fsdp import save_sharded_state
 
-        dist.barrier()  # (rank 0 has made tmp/)
+        dist.wait_for_main()  # (rank 0 has made tmp/ and written the whole weights)
         metas["fsdp"] = save_sharded_state(trainer.policy, trainer.opt, tmp / SHARDED_DIR)
         for t in trainer.trainables:
             metas[f"fsdp_{t.name}"] = save_sharded_state(t.module, t.opt, tmp / f"{SHARDED_DIR}_{t.name}")
         dist.barrier()
-    if not dist.is_main:
-        return path
-    state = {"iteration": trainer.iteration, "scheduler": trainer.sched.state_dict(), "rng": rng_state()}
+    by_rank = cuda_states(trainer)  # (collective)
+    if dist.is_main:
+        _write_state(trainer, tmp, path, root, by_rank, metas)
+    dist.wait_for_main()  # (the other ranks wait for the whole checkpoint, with the main-only timeout)
+    return path
+
+
+def _write_state(trainer: "Trainer", tmp: Path, path: Path, root: Path, by_rank, metas: dict) -> None:
+    """Rank 0: trainer_state.pt, then publish tmp/ as path/ and prune the oldest checkpoints."""
+    dist = trainer.dist
+    state = {"iteration": trainer.iteration, "scheduler": trainer.sched.state_dict(), "rng": rng_state(by_rank)}
     if trainer.sharded:
         state["fsdp"] = {"world_size": dist.world_size, **metas["fsdp"]}
     else:
@@ -116,7 +145,6 @@ def save_checkpoint(trainer: "Trainer") -> Path:
     kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
     for old in kept[: -trainer.cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def load_latest(trainer: "Trainer") -> None:
@@ -160,7 +188,7 @@ def load_latest(trainer: "Trainer") -> None:
             t.load(path / t.name)
             t.opt.load_state_dict(state[f"{t.name}_optimizer"])
         t.sched.load_state_dict(state[f"{t.name}_scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], trainer.dist.rank, trainer.device)
     trainer.iteration = int(state["iteration"])
     metrics = trainer.metrics_path
     if metrics.exists() and trainer.dist.is_main:  # drop rows written after the checkpoint (an interrupted iteration)

@@ -165,6 +165,7 @@ class TrainConfig:
     # ---- data parallelism (torchrun --nproc-per-node N -m engine.train; engine/rl/distributed.py)
     parallel: str = "ddp"              # ddp: every rank holds the whole model | fsdp: sharded with FSDP2 (every algorithm)
     dist_timeout_s: int = 300          # collective timeout: a failed rank ends the others within this
+    checkpoint_timeout_s: int = 3600   # how long the other ranks wait for rank 0's own writes (checkpoints, export)
     # auto = on under torchrun: every prompt's samples seeded by (seed, iteration, prompt index) and
     # every MC state's rollouts by (seed, iteration, its tokens), so the episodes do not depend on
     # the world size; off, sampling draws from torch's generator (cheaper on the host: no per-row
@@ -296,8 +297,10 @@ class TrainConfig:
             raise ConfigError(f"seeded_sampling must be auto, true or false, got {self.seeded_sampling!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
-        if not isinstance(self.dist_timeout_s, int) or isinstance(self.dist_timeout_s, bool) or self.dist_timeout_s < 1:
-            raise ConfigError(f"dist_timeout_s must be an integer >= 1 (seconds), got {self.dist_timeout_s!r}")
+        for name in ("dist_timeout_s", "checkpoint_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1 (seconds), got {value!r}")
         if self.whiten_advantages not in ("auto", True, False):
             raise ConfigError(f"whiten_advantages must be auto, true or false, got {self.whiten_advantages!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -32,6 +32,9 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None  # None: no process group (single process)
+    # A gloo group with a long timeout, for waits on work that rank 0 alone does (writing a
+    # checkpoint, the HF export, removing an old run): see wait_for_main.
+    main_only_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -109,6 +112,17 @@ class Dist:
             else:
                 tdist.barrier()
 
+    def wait_for_main(self) -> None:
+        """Every rank waits here until rank 0 arrives, after work that rank 0 alone does. The wait
+        has the main-only timeout (`checkpoint_timeout_s`: a 7B checkpoint takes longer to write
+        than the collectives' timeout), not the collectives' one. Without that group: a barrier."""
+        if not self.distributed:
+            return
+        if self.main_only_group is None:
+            self.barrier()
+        else:
+            tdist.barrier(group=self.main_only_group)
+
     def all_reduce_grads(self, params: Sequence[torch.nn.Parameter], bucket_elements: int = 1 << 25) -> None:
         """Sum the gradients of `params` over ranks, in place, so every rank steps with the same
         gradient. A parameter without a gradient on some rank counts as zero there; one without a
@@ -176,10 +190,11 @@ def run_ranks(dist: Dist, body: Callable[[], T]) -> T:
     return out
 
 
-def init_from_env(timeout_s: float = 300, device: str = "auto") -> Dist:
+def init_from_env(timeout_s: float = 300, device: str = "auto", main_only_timeout_s: float = 3600) -> Dist:
     """The Dist of this process: from torchrun's environment, or the single-process Dist().
 
     device: the trainer's `device` setting; NCCL when the ranks run on CUDA, else gloo.
+    timeout_s: every collective's; main_only_timeout_s: waits on rank 0's own work (wait_for_main).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -191,4 +206,5 @@ def init_from_env(timeout_s: float = 300, device: str = "auto") -> Dist:
         torch.cuda.set_device(local)
     if not tdist.is_initialized():
         tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return Dist(rank=rank, world_size=world, local_rank=local, backend=backend)
+    main_only = tdist.new_group(backend="gloo", timeout=timedelta(seconds=main_only_timeout_s))
+    return Dist(rank=rank, world_size=world, local_rank=local, backend=backend, main_only_group=main_only)

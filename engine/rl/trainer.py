@@ -106,7 +106,7 @@ class Trainer:
             checkpointing.check_resume_config(cfg, self.run_dir)
         elif dist.is_main:
             checkpointing.clear_previous_run(self.run_dir, self.progress)
-        dist.barrier()  # every rank has read the run directory before rank 0 rewrites it
+        dist.wait_for_main()  # every rank has read the run directory before rank 0 rewrites it
         if dist.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         self._seed_everything()
@@ -235,7 +235,7 @@ class Trainer:
             (sft_dir / "sft_done.json").write_text(json.dumps(
                 {"steps": cfg.sft_steps, "first_loss": losses[0], "last_loss": losses[-1],
                  "seconds": round(time.perf_counter() - t0, 1), "world_size": dist.world_size}))
-        dist.barrier()  # sft/ is whole before any rank reads it
+        dist.wait_for_main()  # sft/ is whole before any rank reads it
         return sft_dir
 
     def _frozen_copy(self, path: Path) -> Transformer:
@@ -278,6 +278,7 @@ class Trainer:
                 plot_metrics(self.metrics_path, self.run_dir / "curves.png", title=f"{cfg.algo} on {cfg.task}")
                 final = self.run_dir / "final"
                 self.policy.save_pretrained(str(final), tokenizer=self.tokenizer, state_dict=state)
+            self.dist.wait_for_main()
         if self._tb is not None:
             self._tb.close()
         return row

@@ -15,7 +15,7 @@ from engine.rl.distributed import Dist
 from engine.rl.rollout import Episode
 from engine.rl.trainer import Trainer
 from engine.tasks import Item
-from test_trainer import fast_config, inflate_training_logprobs, make_trainer, rows_of  # the helpers of the same folder
+from test_trainer import fast_config, inflate_training_logprobs, make_trainer  # the helpers of the same folder
 
 
 def test_a_log_ratio_of_95_is_skipped_by_the_guard_not_a_divergence(tmp_path, monkeypatch):
@@ -103,3 +103,46 @@ def test_sampler_logprobs_line_up_with_the_kept_tokens(tmp_path):
         assert ep.sampler_logprobs is not None and len(ep.sampler_logprobs) == ep.num_tokens
         drawn = ep.sampler_logprobs[~torch.isnan(ep.sampler_logprobs)]
         assert (drawn <= 0).all() and len(drawn) >= ep.num_tokens - 1
+
+
+class _FakeCuda:
+    """torch.cuda's generator calls, recorded (no GPU here)."""
+
+    def __init__(self):
+        self.restored: list[tuple[int, torch.device]] = []
+
+    def set_rng_state(self, state, device):
+        self.restored.append((int(state[0]), device))
+
+
+@pytest.mark.parametrize("saved_key", ["cuda_by_rank", "cuda"])
+def test_resume_restores_each_ranks_own_cuda_state_on_its_current_device(monkeypatch, saved_key):
+    """Written on a node with 4 GPUs, resumed on one with 2: rank r restores its own state (or,
+    from a checkpoint of the old format, device r's) on its own device, with no IndexError."""
+    from engine.rl import checkpointing
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake.set_rng_state)
+    base = checkpointing.rng_state()
+    saved = {**base, saved_key: [torch.tensor([10 + r], dtype=torch.uint8) for r in range(4)]}
+    for rank in range(2):
+        checkpointing.set_rng_state(saved, rank=rank, device=torch.device("cuda", rank))
+    assert fake.restored == [(10, torch.device("cuda", 0)), (11, torch.device("cuda", 1))]
+    # a rank the checkpoint did not have keeps its seeded state; a CPU run never touches CUDA
+    checkpointing.set_rng_state({**base, saved_key: saved[saved_key][:1]}, rank=1, device=torch.device("cuda", 1))
+    checkpointing.set_rng_state(saved, rank=0, device=torch.device("cpu"))
+    assert len(fake.restored) == 2
+
+
+def test_each_rank_saves_its_own_devices_cuda_state(monkeypatch):
+    from engine.rl import checkpointing
+
+    class Trainer_:
+        device = torch.device("cuda", 1)
+        dist = Dist()
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: seen.append(device) or torch.tensor([7]))
+    assert [int(t[0]) for t in checkpointing.cuda_states(Trainer_())] == [7] and seen == [torch.device("cuda", 1)]
+    Trainer_.device = torch.device("cpu")
+    assert checkpointing.cuda_states(Trainer_()) is None
