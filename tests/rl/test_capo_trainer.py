@@ -163,3 +163,23 @@ def test_an_instruct_judge_reads_its_prompt_as_a_chat_turn(tmp_path):
     judge.engine.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="capo_judge_chat is true but the judge's tokenizer has no chat template"):
         ModelJudge(judge.engine, votes=1, temperature=1.0, top_p=1.0, max_new_tokens=4, show_answer=True, chat=True)
+
+
+def test_under_fsdp_the_judges_kv_pool_is_released_for_the_update(tmp_path, monkeypatch):
+    """Like the policy's pool: freed after the judge's phase, allocated again by its next critique."""
+    trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4, iterations=2))
+    judge = trainer.algorithm.judge
+    monkeypatch.setattr(trainer, "sharded", True)  # (the release path; one process has nothing to gather)
+    seen = []
+    real = judge.critique
+
+    def critique(*args, **kwargs):
+        seen.append(judge.engine.pool.allocated)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(judge, "critique", critique)
+    for it in (1, 2):
+        trainer.iteration = it
+        trainer.train_iteration()
+        assert not judge.engine.pool.allocated
+    assert seen == [True, False]  # allocated at the start; after a release, allocated again on use

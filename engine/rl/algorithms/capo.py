@@ -31,7 +31,10 @@ class CAPO(GroupRelative):
         return []
 
     def after_engine(self, ctx: TrainerContext) -> None:
-        self.judge  # noqa: B018 - built now: its KV pool takes kv_memory_fraction of what the policy's left free
+        # Built now, inside a gathered phase as the policy's Engine was: its KV pool takes
+        # kv_memory_fraction of what the policy's pool and whole weights left free.
+        with ctx.gathered():
+            self.judge  # noqa: B018
 
     @property
     def judge(self) -> RuleJudge | ModelJudge:
@@ -94,6 +97,8 @@ class CAPO(GroupRelative):
                 index = seen[ep.group] = seen.get(ep.group, -1) + 1
                 seeds.append(mix_seed(base, ep.group * cfg.samples_per_prompt + index))
         result = self.judge.critique(requests, seeds)
+        if ctx.sharded and isinstance(self.judge, ModelJudge):
+            self.judge.engine.release_kv_memory()  # as the policy's: the update gets the memory
         flagged = [vote(cs, len(r.steps), cfg.capo_voting) for cs, r in zip(result.critiques, requests)]
         rewards = [token_rewards(ep.num_tokens, ep.step_ends, f, ep.reward, cfg.capo_w_whole, cfg.capo_w_process)
                    for ep, f in zip(episodes, flagged)]
