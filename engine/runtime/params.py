@@ -20,8 +20,12 @@ class SamplingParams:
         generated text: a prompt that ends with "\n\n" stops at a generated "\nProblem:"
         for the stop string "\n\n\nProblem:", while a stop string inside the prompt never stops.
     seed: per-request seed; the i-th sample's token at position p uses the uniform
-        hash(mix_seed(seed, i), p) (counter-based, engine/runtime/sampler.py), so its tokens
-        do not depend on what else is batched; without a seed, each sample's key is drawn
+        hash(mix_seed(seed, i), p) (counter-based, engine/runtime/sampler.py), so its random
+        numbers do not depend on what else is batched. Its logits may, in the last bits (the
+        BLAS picks kernels by row count; a preempted sequence's KV is recomputed in other
+        shapes): a draw that close to a CDF or top-p boundary flips to the neighbouring token,
+        about once in 40,000 sampled tokens on the tiny model (bench/soak.py, README's
+        "SamplingParams"). Without a seed, each sample's key is drawn
         from torch's global generator. One seeded
         SamplingParams shared by many prompts gives every prompt's i-th sample the same
         random numbers (correlated samples: a bad estimate of accuracy); use
