@@ -186,13 +186,14 @@ def _main(args: argparse.Namespace, dist: Dist) -> dict:
         if dist.distributed:  # every rank's random streams start alike
             torch.manual_seed(args.seed)
     device = dist.device(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    model, tok = load_model(source, device=device)
+    sharded = args.parallel == "fsdp" and dist.distributed
+    model, tok = load_model(source, device="cpu" if sharded else device)  # (sharded: moved group by group)
     if tok is None:
         raise SystemExit(f"{source} has no tokenizer files")
-    if args.parallel == "fsdp" and dist.distributed:
+    if sharded:
         from engine.rl.fsdp import shard_policy
 
-        shard_policy(model)
+        shard_policy(model, device)
     task = load_task(args.task, **merge_task_args(args.task_args, args.data))
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 1e-5)
     norms: list[float] = []

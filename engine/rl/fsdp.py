@@ -47,24 +47,31 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from engine.model.fused_linear import unfuse_linears
 from engine.rl.optim import LOW_PRECISION
 
-def shard_policy(model: nn.Module) -> list[FSDPModule]:
+def shard_policy(model: nn.Module, device: torch.device | str | None = None) -> list[FSDPModule]:
     """fully_shard every decoder layer and the root of `model` (in place); the FSDP modules,
-    root last."""
-    return _shard(model, model, unshard_method="hidden_states")  # (the trainer's forward)
+    root last. `device`: where the shards live (default: where the model is). Load the model on
+    the CPU and pass the training device: each fully_shard call moves one group's whole
+    parameters there and keeps this rank's shard, so the device never holds more than one
+    layer (or the root's embeddings) whole at a time."""
+    return _shard(model, model, unshard_method="hidden_states", device=device)  # (the trainer's forward)
 
 
-def shard_value_model(critic: nn.Module) -> list[FSDPModule]:
+def shard_value_model(critic: nn.Module, device: torch.device | str | None = None) -> list[FSDPModule]:
     """PPO's critic (a transformer `body` and a value `head`) sharded as the policy is, with the
     critic itself as the root: its forward all-gathers the body's root group. The head is fp32
     while the body may be bf16, and an FSDP group holds one dtype: it is a group of its own."""
-    return _shard(critic, critic.body, own_groups=[critic.head])
+    return _shard(critic, critic.body, own_groups=[critic.head], device=device)
 
 
 def _shard(root: nn.Module, transformer: nn.Module, unshard_method: str | None = None,
-           own_groups: list[nn.Module] = ()) -> list[FSDPModule]:
+           own_groups: list[nn.Module] = (), device: torch.device | str | None = None) -> list[FSDPModule]:
     unfuse_linears(transformer)
-    # the mesh on the model's device type (not FSDP's default, CUDA whenever present)
-    mesh = init_device_mesh(next(root.parameters()).device.type, (tdist.get_world_size(),))
+    # the mesh on the shards' device type (not FSDP's default, CUDA whenever present); FSDP2
+    # moves a group's parameters and buffers there when it shards the group
+    device = torch.device(device) if device is not None else next(root.parameters()).device
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
     # Gradients are reduce-scattered in fp32 (a bf16 reduction rounds at every addition); the
     # parameters keep their dtype (no param_dtype cast).
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)

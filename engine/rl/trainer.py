@@ -118,14 +118,16 @@ class Trainer:
             self._seed_everything()
         # Seeded sampling (config seeded_sampling): the episodes do not depend on the world size.
         self.seeded = cfg.seeded_sampling is True or (cfg.seeded_sampling == "auto" and dist.distributed)
-        self.policy, self.tokenizer = load_model(self.start_dir, dtype=self.dtype, device=self.device)
+        self.sharded = cfg.parallel == "fsdp" and dist.distributed
+        # (sharded: loaded on the host, then each group moved to the device as it is sharded)
+        self.policy, self.tokenizer = load_model(self.start_dir, dtype=self.dtype,
+                                                 device="cpu" if self.sharded else self.device)
         if self.tokenizer is None:
             raise ValueError(f"{self.start_dir} has no tokenizer files; the trainer needs one to read and grade "
                              f"responses")
         self.policy.gradient_checkpointing = cfg.gradient_checkpointing
         # The frozen starting model (the KL reference, a preference loss's reference, a base to restart from).
         self.ref = self._frozen_copy(self.start_dir) if self.algorithm.needs_reference(cfg) else None
-        self.sharded = cfg.parallel == "fsdp" and dist.distributed
         self.trainables: list[Trainable] = self.algorithm.setup(self)
         # --parallel fsdp (engine/rl/fsdp.py): the policy sharded over the ranks; generation runs
         # inside self.gathered() (whole parameters), training forwards all-gather through FSDP.
@@ -133,9 +135,9 @@ class Trainer:
         if self.sharded:
             from engine.rl.fsdp import shard_policy
 
-            self._fsdp = shard_policy(self.policy)
+            self._fsdp = shard_policy(self.policy, self.device)
             for t in self.trainables:
-                t.fsdp = t.shard(t.module)
+                t.fsdp = t.shard(t.module)  # (to ctx.device)
         self.steps_per_iteration = cfg.epochs * (cfg.episodes_per_iteration(len(self.train_items))
                                                  // cfg.minibatch_size)
         total = cfg.iterations * self.steps_per_iteration
@@ -221,11 +223,12 @@ class Trainer:
             return sft_dir
         from engine.sft import save_checkpoint, sft  # the SFT stage shares the optimizer code, not the RL loop
 
-        model, tok = load_model(base, dtype=self.dtype, device=self.device)
-        if cfg.parallel == "fsdp" and dist.distributed:
+        sharded = cfg.parallel == "fsdp" and dist.distributed
+        model, tok = load_model(base, dtype=self.dtype, device="cpu" if sharded else self.device)
+        if sharded:
             from engine.rl.fsdp import shard_policy
 
-            shard_policy(model)
+            shard_policy(model, self.device)
         t0 = time.perf_counter()
         losses = sft(model, tok, self.task, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
                      seed=cfg.seed, progress=self.progress, items=self.train_items,  # never the validation items

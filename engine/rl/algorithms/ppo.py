@@ -66,7 +66,8 @@ class PPO(PolicyGradient):
 
     def setup(self, ctx: TrainerContext) -> list[Trainable]:
         cfg = self.cfg
-        body, _ = load_model(ctx.start_dir, dtype=ctx.dtype, device=ctx.device)
+        # (sharded: on the host; shard() moves each group to ctx.device)
+        body, _ = load_model(ctx.start_dir, dtype=ctx.dtype, device="cpu" if ctx.sharded else ctx.device)
         body.gradient_checkpointing = cfg.gradient_checkpointing
         self.critic = critic = ValueModel(body, seed=cfg.seed)
         self.ctx = ctx
@@ -74,7 +75,7 @@ class PPO(PolicyGradient):
         def shard(module: nn.Module) -> list:
             from engine.rl.fsdp import shard_value_model
 
-            return shard_value_model(module)
+            return shard_value_model(module, ctx.device)
 
         def zero_backward(episode: Episode) -> None:
             packed = Packed.build([episode], ctx.device)
