@@ -29,9 +29,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine import Engine, SamplingParams, load_model
+from engine.progress import progress_bar
 from engine.rl.distributed import Dist, init_from_env, run_ranks
 from engine.tasks import Task, load_task, parse_task_args
 
@@ -101,7 +101,7 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
                               progress=dist.is_main) if hi > lo else []
     gen_seconds = time.perf_counter() - t0
     local = [_grade(task, item, samples) for item, samples in
-             tqdm(list(zip(items[lo:hi], outputs)), desc="grade", disable=not dist.is_main)]
+             progress_bar(list(zip(items[lo:hi], outputs)), desc="grade", disable=not dist.is_main)]
     tokens = sum(len(c.token_ids) for g in outputs for c in g)
     stats = engine.stats.as_dict()
     if dist.distributed:  # rank 0 gathers every item's record, in item order (the ranks' shards in rank order)

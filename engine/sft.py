@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine.evaluate import merge_task_args
 from engine.model import Transformer, create_tiny_checkpoint, load_model
+from engine.progress import progress_bar
 from engine.rl.distributed import Dist, init_from_env, run_ranks
 from engine.rl.optim import AdamW, clip_grad_norm, warmup_linear_decay
 from engine.tasks import Item, Task, load_task, parse_task_args
@@ -87,7 +87,7 @@ def sft(model: Transformer, tokenizer, task: Task, *, steps: int, batch_size: in
     was_training = model.training
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc="SFT warm-up", disable=not progress)
+    bar = progress_bar(range(steps), desc="SFT warm-up", disable=not progress)
     for _ in bar:
         batch = rng.sample(items, per_batch)
         lo, hi = dist.shard(len(batch))

@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from engine.evaluate import STOP_STRINGS  # the template's next "Problem:" ends a response
 from engine.kernels.fused_logprobs import fused_logprobs
 from engine.model import Transformer, create_tiny_checkpoint, load_model
+from engine.progress import progress_bar
 from engine.rl import checkpointing, evaluation, metrics
 from engine.rl.algorithms import REGISTRY, Minibatch, Trainable, TrainingDiverged
 from engine.rl.algorithms.base import MAX_STATS
@@ -261,7 +261,7 @@ class Trainer:
         if self.iteration == 0:
             row = self._log({"iteration": 0, **self.evaluate()})
         last = min(cfg.iterations, cfg.stop_after or cfg.iterations)
-        bar = tqdm(range(self.iteration + 1, last + 1), desc=f"{cfg.algo} iterations", disable=not self.progress,
+        bar = progress_bar(range(self.iteration + 1, last + 1), desc=f"{cfg.algo} iterations", disable=not self.progress,
                    initial=self.iteration, total=cfg.iterations)
         for it in bar:
             self.iteration = it
@@ -433,7 +433,7 @@ class Trainer:
         self._train_mode(True)
         sums: dict[str, float] = {}
         lr, count = self.sched.get_last_lr()[0], 0
-        bar = tqdm(total=steps, desc="update", leave=False, disable=not self.progress)
+        bar = progress_bar(total=steps, desc="update", leave=False, disable=not self.progress)
         for epoch in range(cfg.epochs):
             order = list(range(len(tokens)))
             rng.shuffle(order)

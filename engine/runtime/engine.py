@@ -27,10 +27,10 @@ from typing import Sequence as Seq
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine.cache import PageAllocator, RadixTree
 from engine.model.transformer import Transformer
+from engine.progress import progress_bar
 from engine.runtime.batch import DEFAULT_SHARED_PREFIX_MIN_TOKENS, RowTable, Staging, StepBatch, build_metadata
 from engine.runtime.paged_attention import AttentionStats, KVPool, TorchPagedAttention
 from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, mix_seed
@@ -210,7 +210,7 @@ class Engine:
         groups = [self._make_group(i, ids, sp) for i, (ids, sp) in enumerate(zip(token_prompts, params_list))]
         for leader in groups:
             self.scheduler.add(leader[0])
-        bar = tqdm(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
+        bar = progress_bar(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
                    disable=not progress, leave=False)
         try:
             while self.scheduler.has_work:
