@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from engine.analysis.common import write_report
+from engine.rl.algorithms.ppo import VALUE_HEAD, ValueModel
 from engine.rl.plots import pyplot, save_figure
 from engine.rl.rollout import AdaptiveK, allocate_rollouts, response_text, sample_episodes
 from engine.rl.steps import step_token_ends
@@ -53,7 +54,6 @@ from engine.runtime import Engine, SamplingParams
 from engine.runtime.params import mix_seed
 from engine.tasks import Item, Task, load_task
 
-VALUE_HEAD = "value_head.safetensors"
 NO_STEPS = "the model's responses have no steps to evaluate (no states: are there any items?)"
 
 # Phase seeds: each sampling phase draws from its own seed stream mixed from --seed.
@@ -268,16 +268,7 @@ class Critic:
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype=None) -> "Critic":
-        from safetensors.torch import load_file
-
-        from engine.model import load_model
-        from engine.rl.algorithms.ppo import ValueModel
-
-        folder = critic_folder(checkpoint_dir)
-        body, _ = load_model(folder, dtype=dtype, device=device)
-        model = ValueModel(body)
-        model.head.load_state_dict(load_file(str(folder / VALUE_HEAD), device=str(device)))
-        return cls(model)
+        return cls(ValueModel.from_folder(critic_folder(checkpoint_dir), dtype=dtype, device=device))
 
     @torch.no_grad()
     def __call__(self, states: Sequence[Sequence[int]]) -> list[float]:

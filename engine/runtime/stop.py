@@ -46,6 +46,7 @@ class StopMatcher:
         self.tokenizer = tokenizer
         self._pieces: list[str | None] | None = None
         self._keep: dict[tuple[str, ...], int] = {}  # stop strings -> characters of tail to keep
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()))  # ids that decode to nothing
 
     @property
     def pieces(self) -> list[str | None]:
@@ -112,7 +113,10 @@ class StopMatcher:
         step = keep + 1 + EXACT_WINDOW
         start = max(0, len(seq.tokens) - step)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        while start > 0 and len(decode(seq.tokens[start:-1])) < keep:
+        # Every other token decodes to at least one character, so without a special token in the
+        # window it already reaches `keep` characters back: no extra decode on the common path.
+        while (start > 0 and not self._special.isdisjoint(seq.tokens[start:-1])
+               and len(decode(seq.tokens[start:-1])) < keep):
             step *= 2
             start = max(0, len(seq.tokens) - step)
         text = decode(seq.tokens[start:])

@@ -139,13 +139,20 @@ class Algorithm:
     units_from_all_ranks: ClassVar[bool] = False  # units are built from every rank's episodes (replicated)
     whitens_by_default: ClassVar[bool] = False    # whiten_advantages: auto
     credit_phase: ClassVar[str | None] = "values"  # the timing key of the credit step (None: no credit step)
+    # Why it needs samples_per_prompt >= 2 (e.g. "compares the samples of a prompt"); None: it does not
+    uses_prompt_groups: ClassVar[str | None] = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     @classmethod
     def validate(cls, cfg: TrainConfig) -> None:
-        """Raise ConfigError on a setting this algorithm cannot run with."""
+        """Raise ConfigError on a setting this algorithm cannot run with (subclasses call super)."""
+        if cls.uses_prompt_groups is not None and cfg.samples_per_prompt < 2:
+            from engine.rl.config import ConfigError
+
+            raise ConfigError(f"{cfg.algo} {cls.uses_prompt_groups}: samples_per_prompt must be >= 2, "
+                              f"got {cfg.samples_per_prompt}")
 
     @classmethod
     def needs_reference(cls, cfg: TrainConfig) -> bool:

@@ -9,7 +9,7 @@ from engine.model import load_model
 from engine.rl.algorithms.base import TrainerContext
 from engine.rl.algorithms.grpo import GroupRelative
 from engine.rl.capo import flag_counts, group_token_advantages, rule_wrong_steps, token_rewards, vote
-from engine.rl.config import ConfigError, TrainConfig
+from engine.rl.config import TOKENIZER_FILES, ConfigError, TrainConfig
 from engine.rl.judge import JudgeRequest, ModelJudge, RuleJudge
 from engine.rl.rollout import Episode
 from engine.rl.steps import step_spans
@@ -52,8 +52,6 @@ class CAPO(GroupRelative):
             raise ConfigError("capo needs reasoning steps a judge can read: step_split chunks is not supported "
                               "(use task, newline or math)")
         if cfg.judge == "model" and cfg.judge_model is not None:
-            from engine.rl.config import TOKENIZER_FILES
-
             judge_dir = Path(cfg.judge_model)
             if not (judge_dir / "config.json").is_file():
                 raise ConfigError(f"judge_model {judge_dir} is not a Hugging Face checkpoint folder (no config.json)")

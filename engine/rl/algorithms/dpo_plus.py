@@ -8,7 +8,7 @@ import torch
 
 from engine.rl.algorithms.base import LossOut, Minibatch, TrainerContext
 from engine.rl.algorithms.supervised import SelectedData
-from engine.rl.config import ConfigError, TrainConfig
+from engine.rl.config import TrainConfig
 from engine.rl.offline import dpo_pairs, dpop_loss
 from engine.rl.packed import Packed, chunks
 from engine.rl.rollout import Episode
@@ -17,12 +17,7 @@ from engine.rl.rollout import Episode
 class DPOPlus(SelectedData):
     name = "dpo+"
     empty_message = "no prompt has both a correct and an incorrect sample"
-
-    @classmethod
-    def validate(cls, cfg: TrainConfig) -> None:
-        if cfg.samples_per_prompt < 2:
-            raise ConfigError(f"dpo+ pairs a prompt's correct and incorrect samples: samples_per_prompt must be "
-                              f">= 2, got {cfg.samples_per_prompt}")
+    uses_prompt_groups = "pairs a prompt's correct and incorrect samples"
 
     @classmethod
     def needs_reference(cls, cfg: TrainConfig) -> bool:

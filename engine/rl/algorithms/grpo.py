@@ -15,11 +15,7 @@ from engine.rl.rollout import Episode
 class GroupRelative(PolicyGradient):
     """Sequence-level advantages from the rewards of a prompt's samples, given to every token."""
 
-    @classmethod
-    def validate(cls, cfg: TrainConfig) -> None:
-        if cfg.samples_per_prompt < 2:
-            raise ConfigError(f"{cfg.algo} compares the samples of a prompt: samples_per_prompt must be >= 2, "
-                              f"got {cfg.samples_per_prompt}")
+    uses_prompt_groups = "compares the samples of a prompt"
 
     def group_advantages(self, rewards: list[float]) -> list[float]:
         raise NotImplementedError

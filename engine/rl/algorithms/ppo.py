@@ -50,14 +50,21 @@ class ValueModel(nn.Module):
         self.body.save_pretrained(str(folder), state_dict=body)
         save_file({k: v.contiguous() for k, v in head.items()}, str(folder / VALUE_HEAD))
 
-    def load(self, folder: Path) -> None:
-        """Copy a folder written by `save` into this module."""
+    @classmethod
+    def from_folder(cls, folder: Path, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str = "cpu") -> "ValueModel":
+        """A critic saved by `save` (a PPO checkpoint's critic/)."""
         from safetensors.torch import load_file
 
-        device = self.head.weight.device
-        body, _ = load_model(folder, dtype=self.body.lm_head_weight.dtype, device=device)
-        self.body.load_state_dict(body.state_dict())
-        self.head.load_state_dict(load_file(str(folder / VALUE_HEAD), device=str(device)))
+        body, _ = load_model(folder, dtype=dtype, device=device)
+        model = cls(body)
+        model.head.load_state_dict(load_file(str(Path(folder) / VALUE_HEAD), device=str(device)))
+        return model
+
+    def load(self, folder: Path) -> None:
+        """Copy a folder written by `save` into this module (its tensors keep their storage)."""
+        saved = ValueModel.from_folder(folder, self.body.lm_head_weight.dtype, self.head.weight.device)
+        self.load_state_dict(saved.state_dict())
 
 
 class PPO(PolicyGradient):

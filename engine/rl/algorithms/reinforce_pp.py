@@ -11,7 +11,6 @@ import torch
 
 from engine.rl.algorithms.base import TrainerContext
 from engine.rl.algorithms.policy_gradient import PolicyGradient, groups_of, whiten
-from engine.rl.config import ConfigError, TrainConfig
 from engine.rl.rollout import Episode
 
 
@@ -32,12 +31,7 @@ class ReinforcePP(PolicyGradient):
 
 class ReinforcePPBaseline(ReinforcePP):
     name = "reinforce++-baseline"
-
-    @classmethod
-    def validate(cls, cfg: TrainConfig) -> None:
-        if cfg.samples_per_prompt < 2:
-            raise ConfigError(f"{cfg.algo} subtracts each prompt's mean reward: samples_per_prompt must be >= 2, "
-                              f"got {cfg.samples_per_prompt}")
+    uses_prompt_groups = "subtracts each prompt's mean reward"
 
     def baselined_rewards(self, episodes: list[Episode]) -> list[float]:
         centred: dict[int, float] = {}

@@ -28,6 +28,7 @@ class RestEM(SelectedData):
 
     @classmethod
     def validate(cls, cfg: TrainConfig) -> None:
+        super().validate(cfg)
         if cfg.restem_early_stop != "off" and "validation" not in cfg.eval_splits:
             raise ConfigError(f"restem_early_stop {cfg.restem_early_stop} picks epochs by validation accuracy: "
                               f"add validation to eval_splits (got {cfg.eval_splits!r})")
