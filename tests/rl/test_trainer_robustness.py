@@ -146,3 +146,17 @@ def test_each_rank_saves_its_own_devices_cuda_state(monkeypatch):
     assert [int(t[0]) for t in checkpointing.cuda_states(Trainer_())] == [7] and seen == [torch.device("cuda", 1)]
     Trainer_.device = torch.device("cpu")
     assert checkpointing.cuda_states(Trainer_()) is None
+
+
+def test_ppo_resume_restores_the_critic(tmp_path):
+    """The critic is saved under critic/ and loaded back in place (ValueModel.from_folder): a resumed
+    run's metrics (its advantages come from the critic) and weights equal the uninterrupted run's."""
+    from test_trainer import assert_resume_reproduces
+
+    assert_resume_reproduces(tmp_path, algo="ppo")
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 1.5])
+def test_checkpoint_timeout_must_be_whole_seconds(tmp_path, value):
+    with pytest.raises(ConfigError, match=f"checkpoint_timeout_s must be an integer >= 1 \\(seconds\\), got {value!r}"):
+        fast_config(tmp_path, checkpoint_timeout_s=value)
