@@ -81,6 +81,10 @@ class TrainConfig:
     max_states_per_response: int | None = None  # cap on valued states, the prompt's included; later ones are back-filled with the return
     step_split: str = "task"           # task (the task's step style) | newline | math | math-legacy | chunks
     chunk_tokens: int = 100            # step length for step_split = chunks
+    # ---- SPO-tree (algo = spo-tree): level i forks tree_branching[i] continuations of every node
+    tree_branching: list[int] = field(default_factory=lambda: [6, 6, 6])  # the paper's 6-6-6
+    tree_segment_tokens: int = 30      # tokens per segment; the last level runs to EOS or max_new_tokens
+    tree_prob_mask: float | None = None  # SPO-chain's mask: advantage only on tokens sampled with p < this; null = off
     # ---- PPO critic (algo = ppo)
     gae_lambda: float = 1.0
     gamma: float = 1.0
@@ -178,8 +182,12 @@ class TrainConfig:
         if self.prompts_per_iteration == ALL:
             if num_train_items is None:
                 raise ValueError('prompts_per_iteration is "all": pass the number of train items')
-            return num_train_items * self.samples_per_prompt
-        return self.prompts_per_iteration * self.samples_per_prompt
+            return num_train_items * self._samples_per_prompt()
+        return self.prompts_per_iteration * self._samples_per_prompt()
+
+    def _samples_per_prompt(self) -> int:
+        """Episodes per prompt: samples_per_prompt, or the algorithm's own count (a tree's leaves)."""
+        return _algorithm(self.algo).max_samples_per_prompt(self) if self.algo in algorithms() else self.samples_per_prompt
 
     def check_batch_division(self, num_train_items: int | None = None) -> None:
         """The on-policy algorithms split an iteration's episodes into equal minibatches."""
@@ -192,7 +200,7 @@ class TrainConfig:
             prompts = num_train_items if self.prompts_per_iteration == ALL else self.prompts_per_iteration
             source = " (all train items)" if self.prompts_per_iteration == ALL else ""
             raise ConfigError(
-                f"a batch of {n} episodes ({prompts} prompts{source} x {self.samples_per_prompt} samples) "
+                f"a batch of {n} episodes ({prompts} prompts{source} x {self._samples_per_prompt()} samples) "
                 f"does not divide into minibatches of {self.minibatch_size}")
 
     @property

@@ -44,6 +44,9 @@ class Episode:
     # The sampler's log-prob of each response token (the Engine's, at the sampling temperature);
     # NaN for a token it did not draw (the EOS that replaces a stop string). None: not requested.
     sampler_logprobs: torch.Tensor | None = None
+    # Per-token weights of the policy-gradient term (SPO-tree: 1 / how many leaves share the
+    # token, so a shared segment counts once); None: every token weighs 1.
+    token_weights: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,24 +96,33 @@ def sample_episodes(engine: Engine, task: Task, items: Sequence[Item],
     episodes = []
     for g, (item, ids, completions) in enumerate(zip(items, prompts, outs), start=first_group):
         for c in completions:
-            response = list(c.token_ids)
-            sampled = list(c.logprobs) if c.logprobs is not None else None
-            finish = c.finish_reason
-            if stop and finish == "stop" and response[-1] not in eos:
-                response = trim_stop_string(tok, response, c.text, tok.eos_token_id)
-            if finish == "stop" and task.final_answer(c.text) is None:
-                finish = "unfinished"
-                while len(response) > 1 and response[-1] in eos:  # (an EOS-only response keeps its one token)
-                    response.pop()
-            reward = 0.0 if finish == "unfinished" else task.reward(c.text, item, finish)
-            lps = None
-            if sampled is not None:  # (the kept tokens are a prefix of the sampled ones, maybe plus an EOS)
-                lps = torch.tensor((sampled + [math.nan] * len(response))[: len(response)], dtype=torch.float32)
-                if len(response) <= len(c.token_ids) and response != list(c.token_ids[: len(response)]):
-                    lps[-1] = math.nan  # the EOS that replaced a stop string was not drawn
-            episodes.append(Episode(group=g, item=item, prompt_ids=list(ids), response_ids=response,
-                                    text=c.text, finish_reason=finish, reward=reward, sampler_logprobs=lps))
+            episodes.append(graded_episode(tok, task, item, g, ids, c.token_ids, c.text, c.finish_reason,
+                                           c.logprobs, stop, eos))
     return episodes
+
+
+def graded_episode(tok, task: Task, item: Item, group: int, prompt_ids: Sequence[int], token_ids: Sequence[int],
+                   text: str, finish: str, logprobs: Sequence[float] | None, stop: Sequence[str],
+                   eos: set[int]) -> Episode:
+    """One sampled response as an Episode (sample_episodes' rules): cut before a stop string and
+    ended with EOS; "unfinished" (reward 0, no EOS) when it stopped without a final answer.
+    `text` is the decoded response already cut before the stop string."""
+    response = list(token_ids)
+    sampled = list(logprobs) if logprobs is not None else None
+    if stop and finish == "stop" and response[-1] not in eos:
+        response = trim_stop_string(tok, response, text, tok.eos_token_id)
+    if finish == "stop" and task.final_answer(text) is None:
+        finish = "unfinished"
+        while len(response) > 1 and response[-1] in eos:  # (an EOS-only response keeps its one token)
+            response.pop()
+    reward = 0.0 if finish == "unfinished" else task.reward(text, item, finish)
+    lps = None
+    if sampled is not None:  # (the kept tokens are a prefix of the sampled ones, maybe plus an EOS)
+        lps = torch.tensor((sampled + [math.nan] * len(response))[: len(response)], dtype=torch.float32)
+        if len(response) <= len(token_ids) and response != list(token_ids[: len(response)]):
+            lps[-1] = math.nan  # the EOS that replaced a stop string was not drawn
+    return Episode(group=group, item=item, prompt_ids=list(prompt_ids), response_ids=response,
+                   text=text, finish_reason=finish, reward=reward, sampler_logprobs=lps)
 
 
 @dataclass

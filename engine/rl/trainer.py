@@ -5,7 +5,8 @@
 
 Per iteration:
 1. sample `samples_per_prompt` responses for `prompts_per_iteration` train prompts through the
-   Engine (the responses stay in its prefix cache) and grade them;
+   Engine (the responses stay in its prefix cache) and grade them (an algorithm that
+   `owns_sampling` builds its episodes itself: tree rollouts);
 2. credit: the algorithm (engine/rl/algorithms, picked by `cfg.algo`) sets each response's
    per-token advantages; it may generate through the Engine (MC rollouts hit the cache);
 3. units: what the update walks (the episodes, or the algorithm's selection of them);
@@ -323,6 +324,7 @@ class Trainer:
             times["sample"] = time.perf_counter() - t0
             row["sample_tokens_per_s"] = self.dist.all_reduce_sum([float(sum(e.num_tokens for e in episodes))])[0] \
                 / times["sample"]
+            row["sample_prefill_tokens"] = int(self.dist.all_reduce_sum([self.engine.stats.prefill_tokens])[0])
             t0 = time.perf_counter()
             self.engine.stats.reset()
             row.update(algo.credit(episodes, self))
@@ -383,6 +385,8 @@ class Trainer:
                                 max_new_tokens=cfg.max_new_tokens, stop=self.stop, logprobs=True)
         items = self._items_for(self.iteration)
         lo, hi = self.dist.shard(len(items))
+        if self.algorithm.owns_sampling:  # (e.g. tree rollouts: the algorithm builds its episodes itself)
+            return self.algorithm.sample(items[lo:hi], lo, self)
         base = self.iteration_seed("sample")
         per_item = [replace(params, seed=mix_seed(base, g)) for g in range(lo, hi)] if self.seeded else params
         return sample_episodes(self.engine, self.task, items[lo:hi], per_item, self.progress and "sampling",

@@ -16,6 +16,7 @@ from engine.rl.algorithms.ppo import PPO, ValueModel
 from engine.rl.algorithms.reinforce_pp import ReinforcePP, ReinforcePPBaseline
 from engine.rl.algorithms.restem import RestEM
 from engine.rl.algorithms.rloo import RLOO
+from engine.rl.algorithms.spo_tree import SPOTree
 from engine.rl.algorithms.vineppo import VinePPO
 
 REGISTRY: dict[str, type[Algorithm]] = {
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "dpo+": DPOPlus,
     "reinforce++": ReinforcePP,
     "reinforce++-baseline": ReinforcePPBaseline,
+    "spo-tree": SPOTree,
 }
 
 __all__ = ["Algorithm", "LossOut", "Minibatch", "REGISTRY", "Trainable", "TrainerContext", "TrainingDiverged",

@@ -14,6 +14,11 @@ checkpoints, metrics and evaluation. An algorithm says what it needs and provide
   sharding and the Engine;
 - `after_engine(ctx)`: once the policy's Engine exists (CAPO builds its judge's Engine here, so
   that the judge's KV pool is sized from what the policy's left free, before any work);
+- `sample(items, first_group, ctx)`: only where `owns_sampling` (SPO-tree's tree rollouts): this
+  rank's episodes of the iteration's prompts `items` (global indices from `first_group`), instead
+  of the trainer's `samples_per_prompt` independent responses per prompt. It generates through
+  `ctx.engine`, seeds each prompt from (`ctx.iteration_seed("sample")`, its global index) when
+  `ctx.seeded`, and may not touch the parameters;
 - `credit(episodes, ctx)`: sets each episode's per-token `advantages`; returns metrics. It may
   generate through `ctx.engine` (VinePPO's MC rollouts); it may not touch the parameters;
 - `units(episodes, ctx)`: what the update walks (the episodes; RestEM's kept samples, DPO+'s
@@ -141,6 +146,7 @@ class Algorithm:
     credit_phase: ClassVar[str | None] = "values"  # the timing key of the credit step (None: no credit step)
     # Why it needs samples_per_prompt >= 2 (e.g. "compares the samples of a prompt"); None: it does not
     uses_prompt_groups: ClassVar[str | None] = None
+    owns_sampling: ClassVar[bool] = False           # the trainer calls `sample` instead of its own sampling
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -155,6 +161,11 @@ class Algorithm:
                               f"got {cfg.samples_per_prompt}")
 
     @classmethod
+    def max_samples_per_prompt(cls, cfg: TrainConfig) -> int:
+        """The most episodes one prompt yields in an iteration (the minibatch arithmetic's count)."""
+        return cfg.samples_per_prompt
+
+    @classmethod
     def needs_reference(cls, cfg: TrainConfig) -> bool:
         """Whether the trainer keeps a frozen copy of the starting model (the KL reference)."""
         return cfg.kl_coef > 0
@@ -164,6 +175,10 @@ class Algorithm:
 
     def after_engine(self, ctx: TrainerContext) -> None:
         pass
+
+    def sample(self, items: list, first_group: int, ctx: TrainerContext) -> list[Episode]:
+        """This rank's episodes for `items` (owns_sampling only; see the module docstring)."""
+        raise NotImplementedError(f"{self.name} does not sample its own episodes (owns_sampling is False)")
 
     def credit(self, episodes: list[Episode], ctx: TrainerContext) -> dict[str, float]:
         raise NotImplementedError

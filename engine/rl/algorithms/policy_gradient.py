@@ -27,7 +27,8 @@ class PolicyGradient(Algorithm):
         mask = packed.mask()
         pad = lambda xs: packed.pad(torch.cat(xs).to(ctx.device))  # noqa: E731
         need_entropy = cfg.entropy_coef != 0
-        weights = pad([tis_weights(e, cfg.tis_cap) for e in micro]) if cfg.tis_cap is not None else None
+        weights = loss_weights(micro, cfg.tis_cap)
+        weights = pad(weights) if weights is not None else None
         out = ctx.token_logprobs(ctx.policy, packed, with_entropy=need_entropy)
         lp, ent = out if need_entropy else (out, None)
         loss, st = ppo_loss(
@@ -49,6 +50,20 @@ class PolicyGradient(Algorithm):
             else:  # token means of this micro-batch -> token mean of the minibatch
                 stats[k] = v * share
         return LossOut(loss, stats)
+
+
+def loss_weights(micro: list[Episode], tis_cap: float | None) -> list[torch.Tensor] | None:
+    """Each episode's policy-gradient token weights: truncated importance weights (`tis_cap`)
+    times the episode's own `token_weights` (SPO-tree's 1 / multiplicity); None when neither applies."""
+    if tis_cap is None and all(e.token_weights is None for e in micro):
+        return None
+    out = []
+    for e in micro:
+        w = tis_weights(e, tis_cap) if tis_cap is not None else None
+        if e.token_weights is not None:
+            w = e.token_weights if w is None else w * e.token_weights
+        out.append(w if w is not None else torch.ones(e.num_tokens))
+    return out
 
 
 def tis_weights(ep: Episode, cap: float) -> torch.Tensor:

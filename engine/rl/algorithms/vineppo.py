@@ -46,7 +46,7 @@ class VinePPO(PolicyGradient):
                     mc_truncated_frac=truncated / max(1, rollouts),
                     value_mean=value_sum / max(1, states), mc_tokens_per_s=rollout_tokens / seconds,
                     prefix_cache_hit_rate=cached / max(1, cached + prefill),
-                    mc_prefill_tokens=int(prefill), mc_cached_tokens=int(cached),
+                    mc_prefill_tokens=int(prefill), mc_cached_tokens=int(cached), mc_rollout_tokens=int(rollout_tokens),
                     steps_per_response=steps / (len(episodes) * ctx.dist.world_size))
 
 
