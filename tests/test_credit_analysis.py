@@ -192,6 +192,17 @@ def test_cli_end_to_end_with_a_critic(tiny_policy_dir, tiny_ppo_checkpoint, tmp_
     assert saved["localisation"]["tie_rule"]
 
 
+def test_cli_with_tree_rollouts_reports_spo_tree_on_its_own_leaves(tiny_policy_dir, tmp_path):
+    out = tmp_path / "credit-tree.json"
+    main(["credit", "--model", str(tiny_policy_dir), "--task", "arithmetic", "--task-args", json.dumps(TASK_ARGS),
+          "--prompts", "2", "--tree-branching", "2", "2", "--tree-segment-tokens", "4", "--batches", "2",
+          "--temperature", "1.0", "--max-new-tokens", "16", "--quiet", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["estimators"] == ["spo-tree", "capo"] and saved["gradient"]["reference"] == "spo-tree"
+    assert all(1 <= b["responses"] <= 2 * 2 * 2 for b in saved["per_batch"])  # a tree's leaves per prompt
+    assert saved["advantages"]["spo-tree"]["tokens"] > 0 and "spo-tree" in saved["localisation"]
+
+
 def test_credit_analysis_on_hand_made_responses(tiny_policy_dir, monkeypatch):
     """Fixed responses and MC rollouts: the first wrong step of a response with a false line gets
     VinePPO's lowest advantage; GRPO's is one value per response."""

@@ -55,6 +55,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     c.add_argument("--k", type=int, default=4, help="VinePPO's MC rollouts per state")
     c.add_argument("--batches", type=int, default=4, help="independent batches (the trainer's iterations 1..B)")
     c.add_argument("--critic", default=None, help="also PPO's GAE advantages with this PPO checkpoint's critic/")
+    c.add_argument("--tree-branching", type=int, nargs="+", default=None,
+                   help="sample each batch as SPO-tree does (e.g. 2 2 2) and report SPO-tree's credit on its leaves")
+    c.add_argument("--tree-segment-tokens", type=int, default=30, help="SPO-tree's tokens per segment")
     c.add_argument("--temperature", type=float, default=0.6)
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--max-new-tokens", type=int, default=256)

@@ -11,6 +11,11 @@ estimator's advantages are that algorithm's credit step (VinePPO: MC values
 from K rollouts at every step boundary; GRPO; RLOO; PPO's GAE with --critic's critic) and, on
 the arithmetic task, CAPO's with the exact rule judge ("capo": an oracle that
 penalises every false line, the CAPO runs' judge).
+With --tree-branching B1 B2 ... (and --tree-segment-tokens N) each batch is sampled as SPO-tree
+samples it instead (the trainer's own tree rollouts: every leaf a response, at most
+prompts x B1 x B2 x ... of them) and the estimators are SPO-tree's (V(node) - V(parent) per
+segment; its gradient weighs a shared token 1/multiplicity) and, on arithmetic, CAPO's exact
+judge on the same leaves.
 
 1. Advantage statistics per estimator (raw advantages, all batches): fraction of response tokens
    with advantage 0, of responses with no nonzero token, std, mean and mean |A| over the tokens of
@@ -47,7 +52,7 @@ from engine.analysis.values import Critic, _mean, critic_folder
 from engine.rl.plots import pyplot, save_figure
 
 CREDIT_ESTIMATORS = ("vineppo", "grpo", "rloo")   # and "ppo" with a critic, "capo" (the rule judge) on arithmetic
-ALL_CREDIT_ESTIMATORS = (*CREDIT_ESTIMATORS, "ppo", "capo")
+ALL_CREDIT_ESTIMATORS = (*CREDIT_ESTIMATORS, "ppo", "capo", "spo-tree")  # spo-tree: on its own trees (--tree-branching)
 TIE_TOLERANCE = 1e-9  # step advantages this close count as equal (a tie for the lowest step)
 NOT_ARITHMETIC = ("localisation needs the arithmetic task's exact line checker "
                   "(engine.rl.capo.rule_wrong_steps); task {task} has none, so the section is skipped")
@@ -214,14 +219,18 @@ def _policy_gradient(trainer, episodes: Sequence, advantages: dict[int, torch.Te
 
     cfg, policy = trainer.cfg, trainer.policy
     policy.zero_grad(set_to_none=True)
+    from engine.rl.algorithms.policy_gradient import loss_weights
+
     num_tokens, num_seqs = sum(e.num_tokens for e in episodes), len(episodes)
     for micro in chunks(list(episodes), cfg.micro_batch_size):
         packed = Packed.build(micro, trainer.device)
         lp = trainer.token_logprobs(policy, packed)
         adv = packed.pad(torch.cat([advantages[id(e)] for e in micro]).to(trainer.device))
+        weights = loss_weights(micro, None)  # (SPO-tree's 1 / multiplicity; None for the others)
+        weights = packed.pad(torch.cat(weights).to(trainer.device)) if weights is not None else None
         loss, _ = ppo_loss(packed.pad(lp), packed.pad(lp.detach()), adv, packed.mask(), clip_low=cfg.clip_low,
                            clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, num_tokens=num_tokens,
-                           num_seqs=num_seqs, norm_length=cfg.max_new_tokens)
+                           num_seqs=num_seqs, norm_length=cfg.max_new_tokens, token_weights=weights)
         loss.backward()
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float().cpu()
              for p in policy.parameters()]
@@ -258,10 +267,16 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
     from engine.rl.algorithms.policy_gradient import whiten
     from engine.rl.judge import RuleJudge
 
+    for name in estimators:
+        if REGISTRY[name].owns_sampling and trainer.cfg.algo != name:
+            raise ValueError(f"the {name} estimator samples its own episodes: build the Trainer with algo {name}")
     algorithms = {}
     for name in estimators:
         cfg = replace(trainer.cfg, algo=name, judge="rule")
-        algorithms[name] = CAPO(cfg, judge=RuleJudge()) if name == "capo" else REGISTRY[name](cfg)
+        if REGISTRY[name].owns_sampling:  # (its credit reads the trees its sample() built)
+            algorithms[name] = trainer.algorithm
+        else:
+            algorithms[name] = CAPO(cfg, judge=RuleJudge()) if name == "capo" else REGISTRY[name](cfg)
         if name == "ppo":
             algorithms[name].critic = critic
     t0 = time.perf_counter()
@@ -293,6 +308,8 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
                           "reward_mean": _mean([ep.reward for ep in episodes])})
         for name in estimators:
             algo = algorithms[name]
+            for ep in episodes:
+                ep.token_weights = None  # (only the estimator that sets them weighs its tokens)
             algo.credit(episodes, trainer)
             mc = getattr(algo, "mc_stats", None)
             if mc is not None:
@@ -347,15 +364,19 @@ def credit_analysis(trainer, *, batches: int, estimators: Sequence[str] = CREDIT
 def credit_config(model: str, task: str, task_args: dict | None, *, prompts: int, samples: int, k: int,
                   seed: int = 0, temperature: float = 0.6, top_p: float = 1.0, max_new_tokens: int = 256,
                   loss_aggregation: str = "token-mean", grpo_scale_by_std: bool = True, run_dir: str,
-                  device: str = "auto", dtype: str = "auto", kv_cache_tokens: int | None = None):
+                  device: str = "auto", dtype: str = "auto", kv_cache_tokens: int | None = None,
+                  tree_branching: Sequence[int] | None = None, tree_segment_tokens: int = 30):
     """The TrainConfig of a Trainer that samples, values and computes advantages as a VinePPO run
     with these settings would in its iterations 1, 2, ... (seeded sampling; no KL reference is
-    loaded: the policy is its own reference; one minibatch = the whole batch)."""
+    loaded: the policy is its own reference; one minibatch = the whole batch). With
+    `tree_branching`, an SPO-tree run's instead (its tree rollouts; `samples` is not used)."""
     from engine.rl.config import TrainConfig
 
-    n = prompts * samples
+    tree = dict(algo="spo-tree", tree_branching=list(tree_branching),
+                tree_segment_tokens=tree_segment_tokens) if tree_branching else dict(algo="vineppo")
+    n = prompts * (math.prod(tree_branching) if tree_branching else samples)
     micro = max(d for d in range(1, min(n, 64) + 1) if n % d == 0)
-    return TrainConfig(algo="vineppo", task=task, task_args=dict(task_args or {}), model=model, seed=seed,
+    return TrainConfig(**tree, task=task, task_args=dict(task_args or {}), model=model, seed=seed,
                        device=device, dtype=dtype, sft_steps=0, iterations=1, prompts_per_iteration=prompts,
                        samples_per_prompt=samples, temperature=temperature, top_p=top_p,
                        max_new_tokens=max_new_tokens, k=k, minibatch_size=n, micro_batch_size=micro, kl_coef=0.0,
@@ -462,7 +483,11 @@ def credit_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
                         ("--batches", args.batches), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             sub.error(f"{flag} must be >= 1, got {value}")
-    if args.samples < 2:
+    tree = args.tree_branching
+    if tree is not None and (not tree or min(tree) < 1 or args.tree_segment_tokens < 1):
+        sub.error(f"--tree-branching needs integers >= 1 and --tree-segment-tokens >= 1, got {tree} and "
+                  f"{args.tree_segment_tokens}")
+    if tree is None and args.samples < 2:
         sub.error(f"--samples must be >= 2 (GRPO and RLOO compare a prompt's samples), got {args.samples}")
     if not 0 < args.temperature < math.inf:
         sub.error(f"--temperature must be > 0 (the trainer samples), got {args.temperature}")
@@ -484,12 +509,15 @@ def credit_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
     from engine.rl.trainer import Trainer
 
     estimators = [*CREDIT_ESTIMATORS, *(["ppo"] if args.critic else []), *(["capo"] if localise else [])]
+    if tree is not None:  # its own responses (the tree's leaves): SPO-tree's credit, and the exact judge's on them
+        estimators = ["spo-tree", *(["capo"] if localise else [])]
     with tempfile.TemporaryDirectory(prefix="credit-") as run_dir:
         cfg = credit_config(args.model, args.task, args.task_args, prompts=args.prompts, samples=args.samples,
                             k=args.k, seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, loss_aggregation=args.loss_aggregation,
                             run_dir=run_dir, device=args.device, dtype=args.dtype,
-                            kv_cache_tokens=args.kv_cache_tokens)
+                            kv_cache_tokens=args.kv_cache_tokens, tree_branching=tree,
+                            tree_segment_tokens=args.tree_segment_tokens)
         try:
             trainer = Trainer(cfg, progress=not args.quiet)
         except ConfigError as e:
