@@ -2,6 +2,7 @@
 
     python -m bench.soak                    # 830 rounds (about 5 minutes on 2 cores)
     python -m bench.soak --rounds 100 --out bench/results/soak.json
+    python -m bench.soak --overlap          # both engines with overlap, and a serial twin of the tight one
 
 Each round sends 1-4 prompts that share random roots or continue earlier outputs (as MC states
 do), n 1-5, 1-23 new tokens, greedy 30% of the time and otherwise T 0.9 with top-p 1.0 or 0.9,
@@ -15,6 +16,10 @@ and the largest gap). A recomputed KV (after preemption, or a prompt prefilled i
 comes from GEMMs of other shapes, so its logits can differ in the last bits; a seeded draw whose
 uniform lands within that distance of a boundary of the cumulative distribution picks the
 neighbouring token. The rate of such flips is the figure this bench measures.
+
+With --overlap both engines run each step's forward on a worker thread, and a third engine, the
+tight one's serial twin, gets the same requests: overlap must match it bit for bit (tokens,
+log-probs, finish reasons, cached tokens), preemptions and all (`overlap_mismatches`).
 """
 from __future__ import annotations
 
@@ -51,22 +56,30 @@ def random_round(rng: random.Random, vocab: int, history: list[list[int]]) -> tu
     return prompts, params
 
 
-def soak(rounds: int, seed: int = 0, progress: bool = True) -> dict:
+def _outputs(groups) -> list:
+    return [[(c.token_ids, c.logprobs, c.finish_reason, c.cached_tokens) for c in g] for g in groups]
+
+
+def soak(rounds: int, seed: int = 0, progress: bool = True, overlap: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         create_tiny_checkpoint(d, seed=5)
         model, tok = load_model(d)
     vocab = model.config.vocab_size
-    tight = Engine(model, tok, page_size=4, kv_cache_tokens=160, max_num_seqs=16)
-    roomy = Engine(model, tok, page_size=4, kv_cache_tokens=32768)
+    tight = Engine(model, tok, page_size=4, kv_cache_tokens=160, max_num_seqs=16, overlap=overlap)
+    roomy = Engine(model, tok, page_size=4, kv_cache_tokens=32768, overlap=overlap)
+    twin = Engine(model, tok, page_size=4, kv_cache_tokens=160, max_num_seqs=16, overlap=False) if overlap else None
     rng = random.Random(seed)
     history: list[list[int]] = []
     out = dict(rounds=rounds, samples=0, sampled_samples=0, tokens=0, sampled_tokens=0, diverged=[],
-               logprob_equal=0, logprob_compared=0, logprob_max_abs_diff=0.0, tight_preemptions=0)
+               logprob_equal=0, logprob_compared=0, logprob_max_abs_diff=0.0, tight_preemptions=0, overlap=overlap,
+               overlap_mismatches=0)
     t0 = time.perf_counter()
     for r in tqdm(range(rounds), desc="soak", disable=not progress, mininterval=2.0):
         prompts, params = random_round(rng, vocab, history)
         a = roomy.generate(prompts, params)
         b = tight.generate(prompts, params)
+        if twin is not None:
+            out["overlap_mismatches"] += sum(x != y for x, y in zip(_outputs(b), _outputs(twin.generate(prompts, params))))
         for prompt, sp, ga, gb in zip(prompts, params, a, b):
             for i, (ca, cb) in enumerate(zip(ga, gb)):
                 out["samples"] += 1
@@ -89,6 +102,7 @@ def soak(rounds: int, seed: int = 0, progress: bool = True) -> dict:
         history = history[-64:]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     out["tight_preemptions"] = tight.stats.preemptions  # (cumulative over the Engine's life)
+    out["overlap_wasted_rows"] = tight.stats.overlap_wasted_rows
     out["flip_rate_per_sampled_token"] = len([x for x in out["diverged"] if not x["greedy"]]) / max(1, out["sampled_tokens"])
     return out
 
@@ -97,15 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=830)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overlap", action="store_true", help="overlap on, checked against a serial twin")
     ap.add_argument("--out", type=Path, default=Path("bench/results/soak.json"))
     args = ap.parse_args(argv)
-    res = soak(args.rounds, args.seed)
+    res = soak(args.rounds, args.seed, overlap=args.overlap)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"rounds {res['rounds']}: {res['samples']} samples ({res['sampled_samples']} sampled), "
           f"{res['tokens']} tokens ({res['sampled_tokens']} sampled); diverged samples: {len(res['diverged'])}; "
           f"log-probs bit-equal on {res['logprob_equal']} of {res['logprob_compared']} tokens drawn alike, "
           f"largest gap {res['logprob_max_abs_diff']:.2e}; {res['seconds']} s -> {args.out}")
+    if args.overlap:
+        print(f"overlap: {res['overlap_mismatches']} requests differ from the serial twin "
+              f"({res['overlap_wasted_rows']} wasted look-ahead rows on the tight engine)")
     for d in res["diverged"]:
         print("  ", d)
     return res

@@ -54,6 +54,9 @@ class RowTable:
         self.top_k = np.zeros(max_rows, dtype=np.int64)
         self.seed = np.zeros(max_rows, dtype=np.uint64)
         self.logprobs = np.zeros(max_rows, dtype=bool)
+        # where the row's pending token (its last, a PLACEHOLDER) is in the sampled ids of the
+        # step in flight; -1: none (engine.py fills the next step's input ids from it on the device)
+        self.pending = np.full(max_rows, -1, dtype=np.int64)
         self._free = list(range(max_rows - 1, -1, -1))  # row 0 handed out first
 
     @property
@@ -73,6 +76,7 @@ class RowTable:
         self.top_p[row], self.top_k[row] = p.top_p, p.top_k
         self.seed[row] = seq.seed
         self.logprobs[row] = p.logprobs
+        self.pending[row] = -1
         self.write_pages(seq, 0)
 
     def detach(self, seq: "Sequence") -> None:

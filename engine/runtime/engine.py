@@ -13,6 +13,13 @@ Attention backends: "triton" (the kernels in engine/kernels/: paged decode with 
 that reads shared prefixes once, paged extend; the default on CUDA) and "torch" (the SDPA reference,
 the default elsewhere). On CUDA with Triton, decode-only steps replay CUDA graphs
 (engine/runtime/cuda_graphs.py).
+
+The step loop plans one step ahead: step N+1 is scheduled and prepared before step N's tokens
+reach the host, so with `overlap` the forward and sampling of step N run on a worker thread
+(on CUDA, its own stream) while the host postprocesses step N-1 and plans step N+1. A
+sequence sampled by the step in flight holds a PLACEHOLDER as its last token; the worker
+fills the next step's input ids from the sampled ids on the device. Without overlap the same
+plans run inline, so overlap on and off give the same results bit for bit.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import numbers
 import os
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Sequence as Seq
 
@@ -36,7 +45,7 @@ from engine.runtime.paged_attention import AttentionStats, KVPool, TorchPagedAtt
 from engine.runtime.params import Completion, EngineStats, SamplingParams, StepTimes, mix_seed
 from engine.runtime.sampler import SamplingBatch, counter_uniforms, host_flags, sample
 from engine.runtime.scheduler import Scheduled, Scheduler
-from engine.runtime.sequence import Sequence, Status
+from engine.runtime.sequence import PLACEHOLDER, Sequence, Status
 from engine.runtime.stop import StopMatcher
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -64,6 +73,11 @@ class Engine:
     least this many leading KV tokens (whole pages) have that range read once for all of
     them by the triton backend (nested: an episode's prompt, then each state's prefix;
     engine/runtime/batch.py `cascade_layout`); None turns the sharing off.
+    overlap: run each step's forward and sampling on a worker thread while the host plans the
+    next step and postprocesses the previous one; None = on for CUDA (whose kernels run
+    asynchronously), off elsewhere; ENGINE_OVERLAP=0 / 1 overrides. The results are the same
+    either way (both run the same plans); a sequence that ends by EOS or a stop costs one
+    wasted row (`stats.overlap_wasted_rows`), on and off alike.
     """
 
     def __init__(
@@ -80,6 +94,7 @@ class Engine:
         prefix_cache: bool = True,
         cuda_graphs: bool | None = None,
         shared_prefix_min_tokens: int | None = DEFAULT_SHARED_PREFIX_MIN_TOKENS,
+        overlap: bool | None = None,
     ):
         for name, value in (("page_size", page_size), ("max_num_seqs", max_num_seqs),
                             ("max_batch_tokens", max_batch_tokens)):
@@ -100,6 +115,9 @@ class Engine:
         self.page_size = page_size
         self.attention_backend = _resolve_backend(backend, self.device)
         self.cuda_graphs = _resolve_cuda_graphs(cuda_graphs, self.attention_backend, self.device)
+        self.overlap = _resolve_overlap(overlap, self.device)
+        # The worker's stream (CUDA + overlap): the host thread issues no device work while a step runs.
+        self._worker_stream = torch.cuda.Stream(self.device) if self.overlap and self.device.type == "cuda" else None
         self.shared_prefix_min_tokens = shared_prefix_min_tokens
         self._scale = cfg.head_dim ** -0.5  # SDPA's default, as in TorchPagedAttention
         # A window as long as the context never binds: such layers count as full attention
@@ -212,42 +230,127 @@ class Engine:
             self.scheduler.add(leader[0])
         bar = progress_bar(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
                    disable=not progress, leave=False)
+        worker = ThreadPoolExecutor(1, thread_name_prefix="engine-step") if self.overlap else None
+        if self._worker_stream is not None:  # the worker reads what the caller's stream wrote (weights, a fresh pool)
+            self._worker_stream.wait_stream(torch.cuda.current_stream(self.device))
+        in_flight: _Step | None = None
         try:
             while self.scheduler.has_work:
-                bar.update(self._step())
+                t0 = time.perf_counter()
+                sched = self.scheduler.schedule(can_preempt=in_flight is None)
+                t_schedule = time.perf_counter() - t0
+                if sched.need_sync or not sched.seqs:
+                    if in_flight is None:
+                        raise RuntimeError("scheduler made no progress (KV pool or limits too small for any sequence)")
+                    bar.update(self._complete(in_flight))  # drain, then plan again with its tokens known
+                    in_flight = None
+                    continue
+                step = self._launch(sched, in_flight, worker, t_schedule)
+                if in_flight is not None:
+                    bar.update(self._complete(in_flight))  # while the worker runs `step`
+                self._mark_pending(step)
+                in_flight = step
+            if in_flight is not None:  # only rows of sequences that finished before it: all wasted
+                self._complete(in_flight)
+                in_flight = None
         finally:
             bar.close()
+            if worker is not None:
+                worker.shutdown(wait=True)  # an interrupted generate: the step in flight ends before its pages go
+            if self._worker_stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._worker_stream)
             self.scheduler.abort_all()  # no-op after a clean finish; frees everything if interrupted
         return [[self._completion(s) for s in group] for group in groups]
 
     # ------------------------------------------------------------------ one step
+    # schedule -> prepare -> [forward -> sample: on the worker with overlap] -> postprocess.
+    # The loop in generate() launches step N+1 before it postprocesses step N.
+
     @torch.no_grad()
     def _step(self) -> int:
-        """schedule -> prepare -> forward -> sample -> postprocess; returns how many sequences finished."""
+        """One whole step, nothing in flight before or after it; returns how many sequences finished."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.seqs:
             raise RuntimeError("scheduler made no progress (KV pool or limits too small for any sequence)")
-        t1 = time.perf_counter()
-        host, dev, sampling = self._prepare(sched)
-        t2 = time.perf_counter()
-        hidden = self._forward(sched, host, dev)
+        step = self._launch(sched, None, None, time.perf_counter() - t0)
+        self._mark_pending(step)
+        return self._complete(step)
+
+    def _launch(self, sched: Scheduled, prev: "_Step | None", worker: ThreadPoolExecutor | None,
+                t_schedule: float) -> "_Step":
+        """Prepare the step's tensors on the host, then run its forward and sampling (on the worker with overlap).
+
+        prev: the step in flight, whose sampled ids fill this step's placeholders on the device.
+        """
+        t0 = time.perf_counter()
+        host, arrays, flags = self._prepare(sched)
+        t_prepare = time.perf_counter() - t0
+        step = _Step(sched.samplers, t_schedule, t_prepare)
+        if worker is None:
+            step.out = self._execute(sched, host, arrays, flags, prev)
+        else:
+            step.future = worker.submit(self._execute, sched, host, arrays, flags, prev)
         self.stats.forward_steps += 1
-        t3 = time.perf_counter()
-        tokens, logprobs = [], None
-        if sched.samplers:
-            hidden = hidden if sched.decode_only else hidden[dev["sample_index"]]  # the sampling rows only
-            tokens, logprobs = sample(lm_head_logits(hidden, self.model.lm_head_weight), sampling)
-        t4 = time.perf_counter()
-        finished = self._postprocess(sched.samplers, tokens, logprobs)
-        t5 = time.perf_counter()
-        self.step_times.add(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+        self.attention_stats.record(host, self.page_size)  # host counting while the device runs the step
+        self.scheduler.after_forward(sched)  # its prefills become matchable (any reader is a later step)
+        return step
+
+    def _mark_pending(self, step: "_Step") -> None:
+        """Each sequence the step samples for holds a PLACEHOLDER until its token arrives."""
+        pending = self.rows.pending
+        for i, seq in enumerate(step.samplers):
+            if seq.status is Status.RUNNING:  # (not one the previous step finished)
+                seq.tokens.append(PLACEHOLDER)
+                pending[seq.row] = i
+
+    def _complete(self, step: "_Step") -> int:
+        """Wait for the step's tokens and postprocess them; returns how many sequences finished."""
+        t0 = time.perf_counter()
+        out = step.result()
+        t1 = time.perf_counter()
+        finished = self._postprocess(step.samplers, out.tokens, out.logprobs)
+        t2 = time.perf_counter()
+        self.step_times.add(step.t_schedule, step.t_prepare, out.t_forward, out.t_sample, t2 - t1, wait=t1 - t0)
         return finished
 
-    def _prepare(self, sched: Scheduled) -> tuple[StepBatch, dict[str, torch.Tensor], SamplingBatch | None]:
-        """The step's tensors from the persistent row table: metadata, token ids, sampling parameters.
+    def _execute(self, sched: Scheduled, host: StepBatch, arrays: dict[str, np.ndarray], flags: dict | None,
+                 prev: "_Step | None") -> "_StepOut":
+        """The device's part of a step: send the tensors, fill the placeholders, forward, sample.
 
-        Everything goes to the device in one copy (`Staging.send`).
+        Runs on the worker thread with overlap (on CUDA in the worker's stream), inline without.
+        Touches no host state that the host thread changes meanwhile.
+        """
+        if self._worker_stream is None:
+            return self._run_step(sched, host, arrays, flags, prev)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._worker_stream):
+            return self._run_step(sched, host, arrays, flags, prev)
+
+    @torch.no_grad()
+    def _run_step(self, sched: Scheduled, host: StepBatch, arrays: dict[str, np.ndarray], flags: dict | None,
+                  prev: "_Step | None") -> "_StepOut":
+        t0 = time.perf_counter()
+        dev = self.staging.send(arrays)
+        if "fill_dst" in dev:  # the inputs sampled by the previous step, from its ids on the device
+            dev["input_ids"][dev["fill_dst"]] = prev.result().ids[dev["fill_src"]]
+        hidden = self._forward(sched, host, dev)
+        t1 = time.perf_counter()
+        tokens, logprobs, ids = [], None, None
+        if sched.samplers:
+            sampling = SamplingBatch(dev["temperature"], dev["top_p"], dev["top_k"], dev["uniform"], dev.get("greedy"),
+                                     **flags)
+            hidden = hidden if sched.decode_only else hidden[dev["sample_index"]]  # the sampling rows only
+            box: list[torch.Tensor] = []
+            tokens, logprobs = sample(lm_head_logits(hidden, self.model.lm_head_weight), sampling, ids_out=box)
+            ids = box[0]
+        return _StepOut(ids, tokens, logprobs, t1 - t0, time.perf_counter() - t1)
+
+    def _prepare(self, sched: Scheduled) -> tuple[StepBatch, dict[str, np.ndarray], dict | None]:
+        """The step's host arrays from the persistent row table: metadata, token ids, sampling parameters.
+
+        Everything goes to the device in one copy (`Staging.send`, on the worker). A placeholder
+        input (the last token of a sequence the step in flight samples for) is listed in
+        fill_dst / fill_src: its position in input_ids, its index in that step's sampled ids.
         """
         P = self.page_size
         seqs, rows = sched.seqs, self.rows
@@ -259,17 +362,30 @@ class Engine:
         host = build_metadata(tables, starts, ends, P, self._group_min_tokens)
         arrays = host.tensors()
         if sched.decode_only:
-            arrays["input_ids"] = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+            ids = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+            src = rows.pending[row_ids]
+            fill_dst = np.flatnonzero(src >= 0)
+            fill_src = src[fill_dst]
             table_rows, positions = row_ids, ends  # the samplers' rows in the row table, their draw positions
         else:
-            ids: list[int] = []
+            tokens: list[int] = []
+            dst, fill = [], []
             for s, a, b in zip(seqs, sched.starts, sched.ends):
-                ids += s.tokens[a:b]
-            arrays["input_ids"] = np.array(ids, dtype=np.int64)
+                tokens += s.tokens[a:b]
+                if b == len(s.tokens) and rows.pending[s.row] >= 0:
+                    dst.append(len(tokens) - 1)
+                    fill.append(rows.pending[s.row])
+            ids = np.array(tokens, dtype=np.int64)
+            fill_dst, fill_src = np.array(dst, dtype=np.int64), np.array(fill, dtype=np.int64)
             samplers = sched.samplers
             table_rows = np.fromiter((s.row for s in samplers), dtype=np.int64, count=len(samplers))
             positions = np.fromiter((len(s.tokens) for s in samplers), dtype=np.int64, count=len(samplers))
             arrays["sample_index"] = np.array(sched.sample_rows, dtype=np.int64)
+        if int(np.count_nonzero(ids == PLACEHOLDER)) != fill_dst.size:
+            raise RuntimeError("a placeholder input token has no sampled id to take (scheduler invariant broken)")
+        arrays["input_ids"] = ids
+        if fill_dst.size:
+            arrays["fill_dst"], arrays["fill_src"] = fill_dst, fill_src
         for name, copies in (("copy_before", sched.copies_before), ("copy_after", sched.copies_after)):
             if copies:
                 arrays[name + "_src"], arrays[name + "_dst"] = _copy_indices(copies)
@@ -284,12 +400,7 @@ class Engine:
                 arrays["greedy"] = greedy
             flags = host_flags(greedy, top_p, top_k, self.config.vocab_size)
             flags["want_logprobs"] = bool(rows.logprobs[table_rows].any())
-        dev = self.staging.send(arrays)
-        sampling = None
-        if flags is not None:
-            sampling = SamplingBatch(dev["temperature"], dev["top_p"], dev["top_k"], dev["uniform"], dev.get("greedy"),
-                                     **flags)
-        return host, dev, sampling
+        return host, arrays, flags
 
     def _forward(self, sched: Scheduled, host: StepBatch, dev: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states [N, d] of the step's new tokens; runs the step's deferred KV copies around the forward."""
@@ -302,10 +413,8 @@ class Engine:
         else:
             ctx = TorchPagedAttention(self.pool, meta, self.config.sliding_windows, self.page_size)
             hidden = self.model.model(ids[None], meta.positions[None], ctx)[0]
-        self.attention_stats.record(host, self.page_size)  # host counting while the device runs the step
         if "copy_after_src" in dev:
             self.pool.copy_slots(dev["copy_after_src"], dev["copy_after_dst"])
-        self.scheduler.after_forward(sched)
         return hidden
 
     def _triton_forward(self, host: StepBatch, meta: StepBatch, ids: torch.Tensor) -> torch.Tensor:
@@ -322,11 +431,16 @@ class Engine:
         return self.model.model(ids[None], meta.positions[None], ctx)[0]
 
     def _postprocess(self, samplers: list[Sequence], tokens: list[int], logprobs: list[float] | None) -> int:
-        """Append each sampled token; finish sequences that hit EOS, a stop token or string, or a length limit."""
+        """Put each sampled token in place of its placeholder; finish sequences that hit EOS, a stop
+        token or string, or a length limit. A row of a sequence that already finished is dropped."""
         eos, limit, stops = self.eos_token_ids, self.config.max_position_embeddings, self.stop_matcher
+        pending = self.rows.pending
         finished = 0
         for seq, token, lp in zip(samplers, tokens, logprobs if logprobs is not None else repeat(None)):
-            seq.tokens.append(token)
+            if seq.status is not Status.RUNNING:
+                continue  # finished by the previous step's token: this row was wasted (counted in finish)
+            seq.tokens[-1] = token  # (its PLACEHOLDER)
+            pending[seq.row] = -1
             p = seq.params
             if p.logprobs:
                 seq.logprobs.append(lp)
@@ -393,9 +507,11 @@ class Engine:
             seeds = [mix_seed(params.seed, i) for i in range(params.n)]
         else:  # unseeded: drawn from torch's global generator, so torch.manual_seed reproduces them
             seeds = torch.randint(0, 1 << 62, (params.n,)).tolist()
+        max_len = min(len(ids) + params.max_new_tokens, self.config.max_position_embeddings)
         seqs = []
         for i in range(params.n):
-            seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, seeds[i]))
+            seqs.append(Sequence(self._next_seq_id, request, i, list(ids), len(ids), params, seeds[i],
+                                 max_len=max_len))
             self._next_seq_id += 1
         seqs[0].siblings = seqs[1:]
         return seqs
@@ -421,6 +537,33 @@ class Engine:
         params = list(self.model.parameters())
         firsts = torch.cat([_first_element(p) for p in params]).cpu()
         return sum(p._version for p in params), firsts
+
+
+@dataclass
+class _StepOut:
+    """What the device's part of a step returns."""
+
+    ids: torch.Tensor | None         # sampled ids on the device (the next step's placeholders read them)
+    tokens: list[int]
+    logprobs: list[float] | None
+    t_forward: float
+    t_sample: float
+
+
+@dataclass
+class _Step:
+    """A launched step: its samplers, and its result (inline) or the worker's future (overlap)."""
+
+    samplers: list[Sequence]
+    t_schedule: float
+    t_prepare: float
+    out: _StepOut | None = None
+    future: Future | None = None
+
+    def result(self) -> _StepOut:
+        if self.out is None:
+            self.out = self.future.result()  # re-raises what the worker raised
+        return self.out
 
 
 def _first_element(p: torch.Tensor) -> torch.Tensor:
@@ -509,6 +652,15 @@ def _resolve_cuda_graphs(requested: bool | None, backend: str, device: torch.dev
     if requested and backend != "triton":
         raise ValueError(f"cuda_graphs needs attention_backend='triton'; the backend is {backend!r}")
     return bool(requested)
+
+
+def _resolve_overlap(requested: bool | None, device: torch.device) -> bool:
+    env = os.environ.get("ENGINE_OVERLAP", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"ENGINE_OVERLAP must be 0 or 1, got {env!r}")
+    if env:
+        return env == "1"
+    return device.type == "cuda" if requested is None else bool(requested)
 
 
 def _eos_ids(model: Transformer, tokenizer) -> frozenset[int]:

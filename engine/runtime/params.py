@@ -145,6 +145,9 @@ class EngineStats:
     preemptions: int = 0      # sequences evicted from the batch for lack of KV and recomputed
     evicted_tokens: int = 0   # cached tokens dropped from the prefix tree to free KV
     forward_steps: int = 0    # model forward calls
+    # rows computed for a sequence that its previous step turned out to finish (EOS, a stop token or
+    # string): the engine plans a step before the previous one's tokens are known (engine.py)
+    overlap_wasted_rows: int = 0
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:
@@ -160,6 +163,8 @@ class StepTimes:
 
     On a GPU the phases are host time except where the host waits: `sample` includes the
     wait for the step's tokens (the one device-to-host transfer), and so the device's time.
+    With overlap, `forward` and `sample` are the worker thread's time (beside the host's, not
+    added to it) and `wait` is the host blocked on the worker for a step's tokens.
     """
 
     steps: int = 0
@@ -168,14 +173,17 @@ class StepTimes:
     forward: float = 0.0      # the model (launches on a GPU) and the deferred KV copies
     sample: float = 0.0       # LM head, sampling and the transfer of the tokens
     postprocess: float = 0.0  # appending tokens, EOS / stop-string / length checks, finishing
+    wait: float = 0.0         # the host waiting for a step's tokens (overlap: for the worker thread)
 
-    def add(self, schedule: float, prepare: float, forward: float, sample: float, postprocess: float) -> None:
+    def add(self, schedule: float, prepare: float, forward: float, sample: float, postprocess: float,
+            wait: float = 0.0) -> None:
         self.steps += 1
         self.schedule += schedule
         self.prepare += prepare
         self.forward += forward
         self.sample += sample
         self.postprocess += postprocess
+        self.wait += wait
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:

@@ -115,7 +115,7 @@ def host_flags(greedy: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
 
 
 def sample(
-    logits: torch.Tensor, batch: SamplingBatch, *, candidates: int = 256,
+    logits: torch.Tensor, batch: SamplingBatch, *, candidates: int = 256, ids_out: list | None = None,
 ) -> tuple[list[int], list[float] | None]:
     """Sample one token per row of logits [B, V] (any float dtype; math in fp32).
 
@@ -130,6 +130,8 @@ def sample(
     Every operation is row-wise: a row's token depends only on its own logits, parameters
     and uniform. One device->host transfer, two when some row needs the full-sort fallback.
     Raises ValueError when a sampled row's logits are not finite (NaN, +inf, all -inf).
+    ids_out: a list that receives the tokens as an int64 tensor on the logits' device (the
+    engine's next step reads its input ids from it on the device).
     """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -141,6 +143,8 @@ def sample(
         chosen = None
         if batch.want_logprobs:
             chosen = torch.log_softmax(logits.float(), -1).gather(1, token[:, None]).squeeze(1)
+        if ids_out is not None:
+            ids_out.append(token)
         return _as_lists(*_unpack(_to_host(_pack(token, chosen)), batch.want_logprobs))
 
     scaled = logits.float()
@@ -193,6 +197,9 @@ def sample(
         tokens[rows], redo_lps = _redo_full_sort(probs, logprobs, batch, rows)
         if lps is not None:
             lps[rows] = redo_lps
+        token = torch.from_numpy(tokens).to(token.device)  # (rare) the redone rows, on the device too
+    if ids_out is not None:
+        ids_out.append(token)
     return _as_lists(tokens, lps)
 
 

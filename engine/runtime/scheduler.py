@@ -24,6 +24,15 @@ KV copies are deferred into the step (`copies_before` run before the forward, `c
 after it) so that admission does no device work: a copy's source is read before anything in
 the step writes (the forward, or a later copy in the same batched op, which gathers first).
 
+Planning one step ahead (engine.py): the engine plans step N+1 before step N's tokens reach
+the host. A sequence sampled by step N then ends with a PLACEHOLDER token, which step N+1
+computes like any other (the device fills in its id). A sequence whose pending token is its
+last by length (`max_len`) is left out: it finishes for sure. One that step N finishes by EOS
+or a stop has its row in step N+1 wasted: `finish` leaves that row's KV out of the tree and
+counts it (`overlap_wasted_rows`). Preemption waits for a drained pipeline: with a step in
+flight, a plan that finds the pool short is undone and returned with `need_sync`, and the
+engine plans again once that step's tokens are in (finishes may have freed the pages).
+
 Admission keeps a watermark: while other sequences run, it leaves a free page for every
 running sequence whose next token starts a page and for every pending fork, so a decode
 step right after an admission does not preempt for lack of pages (a long prefill chunk
@@ -55,6 +64,7 @@ class Scheduled:
     copies_after: list[tuple[int, int, int]] = field(default_factory=list)
     cache_after: list[Sequence] = field(default_factory=list)  # prefills to insert into the tree after the forward
     requeued: dict[int, list[Sequence]] = field(default_factory=dict)  # leader seq_id -> siblings that found no page
+    need_sync: bool = False         # the pool is short and a step is in flight: nothing planned, drain and retry
 
 
 class Scheduler:
@@ -98,8 +108,12 @@ class Scheduler:
             seq.hold_node = 0
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self) -> Scheduled:
-        """Plan this step: running sequences first (growing their page tables), then admissions, then forks."""
+    def schedule(self, can_preempt: bool = True) -> Scheduled:
+        """Plan this step: running sequences first (growing their page tables), then admissions, then forks.
+
+        can_preempt: False while a step is in flight; if the running sequences' pages do not fit,
+        nothing is planned and the result has `need_sync` set.
+        """
         out = Scheduled()
         saved = self.stats.prefill_tokens, self.stats.decode_tokens
         grow = self._plan_running(self.running, out)
@@ -116,6 +130,8 @@ class Scheduler:
                 for seq, start in zip(out.seqs, out.starts):
                     seq.num_computed = start
                 self.stats.prefill_tokens, self.stats.decode_tokens = saved
+                if not can_preempt:
+                    return Scheduled(need_sync=True)
                 served = self._grow_or_preempt(grow)
                 out = Scheduled()
                 regrow = self._plan_running(served, out)
@@ -147,6 +163,8 @@ class Scheduler:
                 break
             start = seq.num_computed
             n = len(seq.tokens)
+            if n >= seq.max_len:
+                continue  # its pending token is its last: the step in flight finishes it by length
             end = n if n - start <= budget else start + budget
             need = (end + P - 1) // P - len(seq.page_table)
             if need > 0:
@@ -400,7 +418,12 @@ class Scheduler:
         """seq is done: its KV stays in the prefix tree (cold: evicted first), its pages are released.
 
         It leaves `running` at the next `drop_finished` (one pass per step, not one per sequence).
+        If the step already in flight computes its last token (a row planned before this finish
+        was known), that row is wasted: its KV stays out of the tree and is counted.
         """
+        if seq.num_computed >= len(seq.tokens):
+            self.stats.overlap_wasted_rows += 1
+            seq.num_computed = len(seq.tokens) - 1
         self._release(seq, cold=True)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 

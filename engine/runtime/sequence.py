@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 
 from engine.runtime.params import SamplingParams
 
+# The token id a sequence holds while the step that samples it is still running (the engine
+# plans a step before the previous one's tokens reach the host): always the last token, at
+# most one, replaced when that step's tokens arrive. The device fills it into the next step's
+# input from the previous step's sampled ids; it never reaches the radix tree or an output.
+PLACEHOLDER = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"      # queued; owns no KV pages
@@ -23,6 +29,8 @@ class Sequence:
     once the step that scheduled them has run its forward; the sequence holds one
     allocator reference to each page of page_table; and it owns row `row` of the RowTable.
     While WAITING it holds no page and at most one radix hold (`hold_node`).
+    While RUNNING its last token may be PLACEHOLDER (sampled by the step in flight); a WAITING
+    sequence never holds one (the engine drains the step in flight before it preempts).
     """
 
     seq_id: int
@@ -45,6 +53,7 @@ class Sequence:
     row: int = -1                 # row in the RowTable while RUNNING (-1 otherwise)
     hold_node: int = 0            # radix node held while WAITING, so its prefix is evicted last (0: none)
     stop_tail: str = ""           # the last characters of the prompt tail + generated text, for stop strings
+    max_len: int = 1 << 62        # len(tokens) at which it finishes by length (prompt + max_new_tokens, or the context)
 
     @property
     def num_generated(self) -> int:

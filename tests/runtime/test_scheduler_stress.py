@@ -30,7 +30,9 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
     plan is applied to it in the order the step runs it (the deferred copies before the
     forward, the forward's writes, the copies after it), and then every position p below
     num_computed of every running sequence must find exactly tokens[:p + 1] there. The
-    pool's copies must be exactly the planned ones.
+    pool's copies must be exactly the planned ones. A write is recorded as (writer, position)
+    and read as the writer's tokens[:position + 1] at check time: a token planned as a
+    placeholder is compared once it is known.
     """
     shadow: dict[int, tuple[int, ...]] = {}
     P = engine.page_size
@@ -39,6 +41,9 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
 
     def expand(copies):
         return [(s + i, d + i) for s, d, n in copies for i in range(n)]
+
+    def prefix(value):
+        return tuple(value[0].tokens[:value[1] + 1]) if len(value) == 2 else value
 
     def apply(pairs):
         values = [shadow.get(a, ("garbage",)) for a, _ in pairs]  # gather first, as the batched copy does
@@ -51,8 +56,8 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
 
     schedule = engine.scheduler.schedule
 
-    def checked_schedule():
-        batch = schedule()
+    def checked_schedule(**kwargs):
+        batch = schedule(**kwargs)
         _check_ownership(engine)
         before, after = expand(batch.copies_before), expand(batch.copies_after)
         planned[:] = [c for c in (before, after) if c]
@@ -62,7 +67,7 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
             for pos in range(start, end):
                 slot = seq.page_table[pos // P] * P + pos % P
                 assert slot not in written, "two writes to one slot in a step"
-                written[slot] = tuple(seq.tokens[:pos + 1])
+                written[slot] = (seq, pos)
         for seq in engine.scheduler.running:  # nobody's computed KV is overwritten (forks share it now)
             if not any(seq is s for s in batch.seqs + batch.samplers):
                 for pos in range(seq.num_computed):
@@ -72,19 +77,21 @@ def _instrument(engine: Engine, max_steps: int = 2000) -> None:
         apply(after)
         for seq in engine.scheduler.running:
             for pos in range(seq.num_computed):
-                assert shadow.get(seq.page_table[pos // P] * P + pos % P) == tuple(seq.tokens[:pos + 1])
+                got = shadow.get(seq.page_table[pos // P] * P + pos % P)
+                assert got is not None and prefix(got) == tuple(seq.tokens[:pos + 1])
         return batch
 
-    step = engine._step
+    launch = engine._launch
 
-    def checked_step():
+    def checked_launch(*args):
         assert engine.stats.forward_steps < max_steps, "no progress: the scheduler is cycling"
-        done = step()
+        step = launch(*args)
+        step.result()  # (inline: already run)
         assert not planned, "a planned KV copy did not run"
         _check_ownership(engine)
-        return done
+        return step
 
-    engine.pool.copy_slots, engine.scheduler.schedule, engine._step = copy_slots, checked_schedule, checked_step
+    engine.pool.copy_slots, engine.scheduler.schedule, engine._launch = copy_slots, checked_schedule, checked_launch
 
 
 def _outputs(groups):
@@ -125,18 +132,18 @@ def test_tight_engines_match_a_roomy_one(tiny, page_size, kv_tokens, max_seqs, m
 def test_an_interrupted_generate_leaves_the_engine_clean(tiny):
     model, tok = tiny
     engine = Engine(model, tok, page_size=4)
-    step, calls = engine._step, []
+    launch, calls = engine._launch, []
 
-    def failing_step():
+    def failing_launch(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return step()
+        return launch(*args)
 
-    engine._step = failing_step
+    engine._launch = failing_launch
     with pytest.raises(KeyboardInterrupt):
         engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=3, max_new_tokens=10, ignore_eos=True))
-    engine._step = step
+    engine._launch = launch
     assert not engine.scheduler.running and not engine.scheduler.waiting
     _check_ownership(engine)
     engine.invalidate_cache()  # would raise if a lock or a running sequence were left behind

@@ -16,3 +16,10 @@ def test_a_tight_pool_gives_the_roomy_pools_samples_up_to_rounding():
     assert res["logprob_equal"] > 0.5 * res["logprob_compared"]
     assert all(not d["greedy"] for d in res["diverged"])   # greedy rows never flip here
     assert len(res["diverged"]) <= 2
+
+
+def test_with_overlap_the_tight_pool_matches_its_serial_twin_bit_for_bit():
+    res = soak(rounds=40, seed=4, progress=False, overlap=True)
+    assert res["tight_preemptions"] > 5
+    assert res["overlap_mismatches"] == 0
+    assert res["logprob_max_abs_diff"] < 1e-5 and len(res["diverged"]) <= 2  # against the roomy engine, as above
