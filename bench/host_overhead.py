@@ -3,6 +3,8 @@
     python -m bench.host_overhead                           # CPU: stubbed body, every workload
     python -m bench.host_overhead --rows 256 --new-tokens 32
     python -m bench.host_overhead --real-model --config path/to/config.json   # GPU: host vs device
+    python -m bench.host_overhead --overlap                 # CPU: overlap off/on under a simulated device time
+    python -m bench.host_overhead --real-model --overlap --config path/to/config.json  # GPU: overlap off/on
 
 Why: a VinePPO step is wide (56 MC states x K=9 = 504 rows decoding together) and a 1.1B
 forward for it takes a few ms on an H100. Everything the engine does around the forward
@@ -25,6 +27,13 @@ best of `--repeats` runs is kept. With `--real-model` (CUDA, random weights of `
 every workload runs twice, with the real body and then stubbed: the first gives the step's
 wall time (device + host, which do not overlap), the second its host share, and their
 difference the device time per step.
+
+--overlap (issue 27): the Engine's overlap off and on. On a CPU the stubbed body sleeps D ms per
+forward (a sleep releases the GIL, as a device does) for D = 0, D = the host time measured at
+D = 0, and D = 3 x host; overlap hides the host's time behind D, so the bound per step is
+max(host, D) instead of host + D. Targets: overlap <= 0.65 x serial at D = host, <= 1.15 x D at
+D = 3 x host, and <= 1.10 x serial at D = 0 (the worker thread's cost). With --real-model (CUDA)
+each workload runs with the real body, overlap off and on, and stubbed (the host's share).
 """
 from __future__ import annotations
 
@@ -42,16 +51,22 @@ from engine.model.tiny import char_tokenizer
 
 STOP = ("\n\n\nProblem:",)  # VinePPO's stop string for GSM8K / MATH
 TARGET_MS = 4.0             # issue 12: host ms per step at 504-512 rows on the 2-core CPU
-PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
+PHASES = ("schedule", "prepare", "forward", "sample", "postprocess", "wait")
+# (label, D as a multiple of the measured host ms per step, the bound checked, its limit)
+OVERLAP_POINTS = (("D=0", 0.0, "overlap/serial", 1.10), ("D=host", 1.0, "overlap/serial", 0.65),
+                  ("D=3xhost", 3.0, "overlap/D", 1.15))
 
 
-def stub_body(model: Transformer) -> None:
-    """Replace the backbone's forward by zeros of the right shape (the LM head stays real)."""
+def stub_body(model: Transformer, device_ms: float = 0.0) -> None:
+    """Replace the backbone's forward by zeros of the right shape (the LM head stays real);
+    device_ms > 0 sleeps that long inside it, a simulated device that releases the GIL."""
     body = model.model
     hidden = model.config.hidden_size
     weight = model.lm_head_weight
 
     def zeros(input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        if device_ms > 0:
+            time.sleep(device_ms / 1e3)
         return torch.zeros(1, input_ids.shape[1], hidden, dtype=weight.dtype, device=weight.device)
 
     body.forward = zeros
@@ -70,10 +85,10 @@ def build(args) -> tuple[Transformer, object]:
     return model, char_tokenizer()
 
 
-def make_engine(model, tok, args) -> Engine:
+def make_engine(model, tok, args, overlap: bool = False) -> Engine:
     rows = max(args.rows, args.states * args.k)
     return Engine(model, tok, page_size=args.page_size, max_num_seqs=rows, max_batch_tokens=args.max_batch_tokens,
-                  kv_cache_tokens=args.kv_cache_tokens, attention_backend=args.attention_backend)
+                  kv_cache_tokens=args.kv_cache_tokens, attention_backend=args.attention_backend, overlap=overlap)
 
 
 def sync(model) -> None:
@@ -102,8 +117,8 @@ def workload_requests(name: str, engine: Engine, args, rng: torch.Generator):
     return states, params
 
 
-def run_once(name: str, model, tok, args) -> dict:
-    engine = make_engine(model, tok, args)
+def run_once(name: str, model, tok, args, overlap: bool = False) -> dict:
+    engine = make_engine(model, tok, args, overlap)
     rng = torch.Generator().manual_seed(args.seed)
     prompts, params = workload_requests(name, engine, args, rng)
     engine.stats.reset()
@@ -121,7 +136,8 @@ def run_once(name: str, model, tok, args) -> dict:
            "rows_per_step": rows / steps, "host_ms_per_step": 1e3 * wall / steps,
            "us_per_row": 1e6 * wall / rows, "prefill_tokens": engine.stats.prefill_tokens,
            "cached_tokens": engine.stats.cached_tokens, "evicted_tokens": engine.stats.evicted_tokens,
-           "preemptions": engine.stats.preemptions}
+           "preemptions": engine.stats.preemptions, "overlap": overlap,
+           "overlap_wasted_rows": engine.stats.overlap_wasted_rows}
     if times is not None:
         row["phases_ms_per_step"] = {k: 1e3 * v / max(times.steps, 1) for k, v in times.as_dict().items()
                                      if k != "steps"}
@@ -137,7 +153,8 @@ def device_bound_ms(rows: int, context: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="plain,mc,mc+stop,mc+stop+seed")
+    ap.add_argument("--workloads", default=None, help="default: plain,mc,mc+stop,mc+stop+seed "
+                    "(with --overlap: plain,mc,mc+stop+seed)")
     ap.add_argument("--rows", type=int, default=512, help="rows of the plain workload")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--episodes", type=int, default=8)
@@ -151,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", help="device of the stubbed run (cpu or cuda)")
     ap.add_argument("--real-model", action="store_true", help="CUDA: keep the model body (host vs device time)")
     ap.add_argument("--config", default=None, help="HF config.json of the model (default: the built-in tiny model)")
+    ap.add_argument("--overlap", action="store_true", help="overlap off vs on (CPU: under a simulated device time)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's; with --overlap on a CPU: 1, so the worker "
+                    "thread, which stands for the device, and the host thread get a core each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/results/host_overhead.json")
@@ -162,15 +183,23 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--states ({args.states}) must be >= --episodes ({args.episodes})")
     if args.real_model and not torch.cuda.is_available():
         ap.error("--real-model needs a CUDA device")
-    names = args.workloads.split(",")
+    names = (args.workloads or ("plain,mc,mc+stop+seed" if args.overlap else "plain,mc,mc+stop,mc+stop+seed")).split(",")
     bad = [n for n in names if n not in ("plain", "mc", "mc+stop", "mc+stop+seed")]
     if bad:
         ap.error(f"unknown workload(s) {bad}; choose from plain, mc, mc+stop, mc+stop+seed")
+    if args.threads is None and args.overlap and not args.real_model:
+        args.threads = 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = build(args)
 
-    def best(name: str) -> dict:
-        return min((run_once(name, model, tok, args) for _ in range(args.repeats)), key=lambda r: r["host_ms_per_step"])
+    def best(name: str, overlap: bool = False) -> dict:
+        return min((run_once(name, model, tok, args, overlap) for _ in range(args.repeats)),
+                   key=lambda r: r["host_ms_per_step"])
+
+    if args.overlap:
+        return overlap_report(args, names, model, best)
 
     real = {name: best(name) for name in names} if args.real_model else {}
     if args.real_model:
@@ -207,6 +236,66 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def overlap_report(args, names: list[str], model, best) -> dict:
+    """Overlap off vs on: a simulated device time on a CPU, the real body on CUDA (see the module doc)."""
+    rows = []
+    for name in names:
+        if args.real_model:
+            real_serial, real_overlap = best(name, False), best(name, True)
+            stub_body(model)
+            host = best(name, False)["host_ms_per_step"]
+            build_real(model, args)
+            serial, overlapped = real_serial["host_ms_per_step"], real_overlap["host_ms_per_step"]
+            device = max(serial - host, 0.0)
+            rows.append(dict(workload=name, point="real", host_ms=host, device_ms=device, serial_ms=serial,
+                             overlap_ms=overlapped, bound_ms=max(host, device), ratio=overlapped / serial,
+                             wasted_rows=real_overlap["overlap_wasted_rows"], steps=real_overlap["steps"]))
+            continue
+        stub_body(model)
+        base = best(name, False)
+        host = base["host_ms_per_step"]
+        # The worker's own compute (the LM head, the sampler, the step's tensors): device time on a
+        # GPU, but CPU time here, so a step cannot beat max(host - worker, D + worker).
+        worker = base["phases_ms_per_step"]["forward"] + base["phases_ms_per_step"]["sample"]
+        for point, times, check, limit in OVERLAP_POINTS:
+            d = times * host
+            stub_body(model, d)
+            serial, overlapped = best(name, False), best(name, True)
+            s, o = serial["host_ms_per_step"], overlapped["host_ms_per_step"]
+            value = o / s if check == "overlap/serial" else o / d
+            rows.append(dict(workload=name, point=point, host_ms=host, device_ms=d, serial_ms=s, overlap_ms=o,
+                             bound_ms=max(host, d), worker_ms=worker, cpu_bound_ms=max(host - worker, d + worker),
+                             ratio=o / s, check=check, value=value, limit=limit, met=value <= limit,
+                             wasted_rows=overlapped["overlap_wasted_rows"], steps=overlapped["steps"]))
+        stub_body(model)
+    device = torch.cuda.get_device_name() if model.lm_head_weight.is_cuda else "cpu"
+    mode = "real model" if args.real_model else "model body stubbed, a sleep of D ms per forward"
+    print(f"\nEngine overlap on {device}, {mode}, best of {args.repeats}, torch threads {torch.get_num_threads()}; "
+          f"ms per step. serial = host + D; the bound with overlap is max(host, D), and on a CPU "
+          f"max(host - worker, D + worker), the worker's own compute being CPU time here")
+    print(f"{'workload':<14}{'point':>10}{'host':>7}{'worker':>7}{'D':>7}{'serial':>8}{'overlap':>8}{'bound':>7}"
+          f"{'cpu bound':>10}{'ov/serial':>10}{'check':>22}{'target':>8}{'met':>5}{'wasted':>7}")
+    for r in rows:
+        check = f"{r['check']} {r['value']:.2f}" if "check" in r else ""
+        target = f"<= {r['limit']:.2f}" if "limit" in r else ""
+        met = ("yes" if r["met"] else "NO") if "met" in r else ""
+        worker = f"{r['worker_ms']:.2f}" if "worker_ms" in r else ""
+        cpu_bound = f"{r['cpu_bound_ms']:.2f}" if "cpu_bound_ms" in r else ""
+        print(f"{r['workload']:<14}{r['point']:>10}{r['host_ms']:>7.2f}{worker:>7}{r['device_ms']:>7.2f}"
+              f"{r['serial_ms']:>8.2f}{r['overlap_ms']:>8.2f}{r['bound_ms']:>7.2f}{cpu_bound:>10}{r['ratio']:>10.2f}"
+              f"{check:>22}{target:>8}{met:>5}{r['wasted_rows']:>7}")
+    report = {"device": device, "date": time.strftime("%Y-%m-%d"), "mode": mode, "args": vars(args),
+              "targets": {p: {"check": c, "limit": l} for p, _, c, l in OVERLAP_POINTS}, "overlap": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_real(model: Transformer, args) -> None:
+    """Give a stubbed model its real backbone forward back (stub_body set an instance attribute)."""
+    model.model.__dict__.pop("forward", None)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,10 @@ from engine.runtime.stop import StopMatcher
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 CPU_DEFAULT_KV_TOKENS = 1 << 16
 CPU_MAX_KV_BYTES = 1 << 30
+# With overlap, the interpreter's thread switch interval while generate() runs (Python's default
+# is 5 ms): the worker thread, back from the device with its tokens, must not wait for the host
+# thread's Python to give up the GIL for longer than a fraction of a step.
+OVERLAP_SWITCH_INTERVAL_S = float(os.environ.get("ENGINE_OVERLAP_SWITCH_S", "1e-4"))
 _warned: set[str] = set()
 _mm_out_dtype = True  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
 
@@ -231,6 +236,9 @@ class Engine:
         bar = progress_bar(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
                    disable=not progress, leave=False)
         worker = ThreadPoolExecutor(1, thread_name_prefix="engine-step") if self.overlap else None
+        switch = sys.getswitchinterval()
+        if worker is not None:
+            sys.setswitchinterval(min(switch, OVERLAP_SWITCH_INTERVAL_S))
         if self._worker_stream is not None:  # the worker reads what the caller's stream wrote (weights, a fresh pool)
             self._worker_stream.wait_stream(torch.cuda.current_stream(self.device))
         in_flight: _Step | None = None
@@ -257,6 +265,7 @@ class Engine:
             bar.close()
             if worker is not None:
                 worker.shutdown(wait=True)  # an interrupted generate: the step in flight ends before its pages go
+                sys.setswitchinterval(switch)
             if self._worker_stream is not None:
                 torch.cuda.current_stream(self.device).wait_stream(self._worker_stream)
             self.scheduler.abort_all()  # no-op after a clean finish; frees everything if interrupted

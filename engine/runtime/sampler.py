@@ -165,7 +165,13 @@ def sample(
         total = probs.double().sum(-1)  # the row's full mass, the same whatever the other rows ask for
         k, cut = _effective_top_k(batch.top_k, top_p, V)
         c = min(candidates, V)
-        cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
+        if c == V and probs.device.type == "cpu":
+            # Every token is a candidate: numpy's vectorised sort is ~6x faster than torch's topk or
+            # sort here (0.3 against 2 ms at 504 x 128), time a CPU engine spends on every step.
+            cand_i = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1))
+            cand_p = probs.gather(1, cand_i)
+        else:
+            cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
         kept, mass = _cut_sorted(cand_p, top_p, k, total=total.float())
         # Exact on the candidates when the top-k cut lies within them, or when there is no
         # top-k cut and their mass reaches top_p (the first token past them is then cut,

@@ -18,8 +18,24 @@ def test_a_tiny_run_reports_every_workload_and_phase(tmp_path):
     assert rows["plain"]["sampled_rows"] == 6 * 3
     for r in rows.values():
         assert r["steps"] >= 3 and r["host_ms_per_step"] > 0
-        assert set(r["phases_ms_per_step"]) == {"schedule", "prepare", "forward", "sample", "postprocess"}
+        assert set(r["phases_ms_per_step"]) == {"schedule", "prepare", "forward", "sample", "postprocess", "wait"}
     assert rows["mc"]["prefill_tokens"] == 4  # the states' prefixes come from the cache: one token each
+
+
+def test_the_overlap_report_covers_each_workload_at_each_simulated_device_time(tmp_path):
+    out = tmp_path / "overlap.json"
+    report = host_overhead.main(["--overlap", "--rows", "6", "--new-tokens", "3", "--episodes", "2", "--states", "4",
+                                 "--k", "2", "--prompt-len", "8", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = report["overlap"]
+    assert [(r["workload"], r["point"]) for r in rows] == [
+        (w, p) for w in ("plain", "mc", "mc+stop+seed") for p in ("D=0", "D=host", "D=3xhost")]
+    for r in rows:
+        factor = {"D=0": 0.0, "D=host": 1.0, "D=3xhost": 3.0}[r["point"]]
+        assert r["device_ms"] == pytest.approx(factor * r["host_ms"])
+        assert r["ratio"] == pytest.approx(r["overlap_ms"] / r["serial_ms"])
+        assert r["bound_ms"] == pytest.approx(max(r["host_ms"], r["device_ms"]))
+        assert r["met"] == (r["value"] <= r["limit"])
 
 
 @pytest.mark.parametrize("flag", ["--rows", "--new-tokens", "--k", "--states", "--repeats"])

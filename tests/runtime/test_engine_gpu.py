@@ -122,3 +122,25 @@ def test_lm_head_logits_on_cuda_are_fp32_accumulated():
     logits = lm_head_logits(hidden, weight)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, (hidden.double() @ weight.double().T).float(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_overlap_is_on_by_default_on_cuda_and_changes_no_output(save_hf, cuda_graphs):
+    """The worker thread and its own stream (and graph capture from that thread) give the serial
+    engine's outputs bit for bit, stop tokens and forks included."""
+    model = _qwen2(save_hf, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in (40, 7, 90)]
+    params = [SamplingParams(n=4, temperature=1.0, max_new_tokens=40, seed=i, logprobs=True, ignore_eos=True,
+                             stop_token_ids=[int(t) for t in torch.randint(0, 2048, (20,), generator=g)])
+              for i in range(3)]
+    outputs = {}
+    for overlap in (None, False):
+        engine = Engine(model, page_size=16, kv_cache_tokens=1 << 14, overlap=overlap, cuda_graphs=cuda_graphs)
+        assert engine.overlap is (overlap is None)
+        first = engine.generate(prompts, params)
+        states = [p + c.token_ids[:len(c.token_ids) // 2] for p, grp in zip(prompts, first) for c in grp[:2]]
+        second = engine.generate(states, SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=7, logprobs=True))
+        outputs[overlap] = [[(c.token_ids, c.logprobs, c.finish_reason, c.cached_tokens) for c in grp]
+                            for grp in first + second]
+    assert outputs[None] == outputs[False]
