@@ -54,7 +54,6 @@ class Node:
     value: float = math.nan          # mean reward of the leaves below (set by tree_values)
     leaves: int = 0                  # leaves below (itself, for a leaf)
     prefill: int = 0                 # tokens of its state whose KV was computed when it was expanded
-    start: int = 0                   # where its segment starts in the response
     cover: list[int] = field(default_factory=list)  # per segment token: leaves whose response holds it
 
     def path(self) -> list["Node"]:
@@ -195,10 +194,8 @@ def grow_trees(engine, task, items: list, prompts: list[list[int]], *, branching
                 stats.expanded += 1
                 stats.prefill_tokens += node.prefill
                 stats.max_node_prefill = max(stats.max_node_prefill, node.prefill)
-            start = node.start + len(node.tokens)
             for c in completions:
-                child = Node(parent=node, tokens=list(c.token_ids), logprobs=c.logprobs, finish=c.finish_reason,
-                             start=start)
+                child = Node(parent=node, tokens=list(c.token_ids), logprobs=c.logprobs, finish=c.finish_reason)
                 owner[id(child)] = owner[id(node)]
                 node.children.append(child)
                 stats.nodes += 1
@@ -222,7 +219,6 @@ def grow_trees(engine, task, items: list, prompts: list[list[int]], *, branching
 class SPOTree(PolicyGradient):
     name = "spo-tree"
     owns_sampling = True
-    credit_phase = "values"
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
