@@ -81,6 +81,7 @@ class RowTable:
 
     def detach(self, seq: "Sequence") -> None:
         if seq.row >= 0:
+            self.pending[seq.row] = -1
             self._free.append(seq.row)
             seq.row = -1
 

@@ -55,7 +55,7 @@ CPU_MAX_KV_BYTES = 1 << 30
 # With overlap, the interpreter's thread switch interval while generate() runs (Python's default
 # is 5 ms): the worker thread, back from the device with its tokens, must not wait for the host
 # thread's Python to give up the GIL for longer than a fraction of a step.
-OVERLAP_SWITCH_INTERVAL_S = float(os.environ.get("ENGINE_OVERLAP_SWITCH_S", "1e-4"))
+OVERLAP_SWITCH_INTERVAL_S = 1e-4  # ENGINE_OVERLAP_SWITCH_S overrides (seconds, > 0)
 _warned: set[str] = set()
 _mm_out_dtype = True  # torch.mm(..., out_dtype=) works here (cleared on the first failure)
 
@@ -82,7 +82,9 @@ class Engine:
     next step and postprocesses the previous one; None = on for CUDA (whose kernels run
     asynchronously), off elsewhere; ENGINE_OVERLAP=0 / 1 overrides. The results are the same
     either way (both run the same plans); a sequence that ends by EOS or a stop costs one
-    wasted row (`stats.overlap_wasted_rows`), on and off alike.
+    wasted row (`stats.overlap_wasted_rows`), on and off alike. The forward runs on the worker
+    thread: the caller's thread-local torch state (autocast, a default device, inference mode)
+    does not reach it; the Engine computes in the model's own dtype either way.
     """
 
     def __init__(
@@ -235,14 +237,17 @@ class Engine:
             self.scheduler.add(leader[0])
         bar = progress_bar(total=sum(len(g) for g in groups), desc=progress if isinstance(progress, str) else "generate",
                    disable=not progress, leave=False)
-        worker = ThreadPoolExecutor(1, thread_name_prefix="engine-step") if self.overlap else None
         switch = sys.getswitchinterval()
-        if worker is not None:
-            sys.setswitchinterval(min(switch, OVERLAP_SWITCH_INTERVAL_S))
+        worker = None
+        if self.overlap:
+            short = _switch_interval()
+            worker = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         if self._worker_stream is not None:  # the worker reads what the caller's stream wrote (weights, a fresh pool)
             self._worker_stream.wait_stream(torch.cuda.current_stream(self.device))
         in_flight: _Step | None = None
         try:
+            if worker is not None:
+                sys.setswitchinterval(min(switch, short))
             while self.scheduler.has_work:
                 t0 = time.perf_counter()
                 sched = self.scheduler.schedule(can_preempt=in_flight is None)
@@ -263,12 +268,14 @@ class Engine:
                 in_flight = None
         finally:
             bar.close()
-            if worker is not None:
-                worker.shutdown(wait=True)  # an interrupted generate: the step in flight ends before its pages go
-                sys.setswitchinterval(switch)
-            if self._worker_stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._worker_stream)
-            self.scheduler.abort_all()  # no-op after a clean finish; frees everything if interrupted
+            try:
+                if worker is not None:
+                    sys.setswitchinterval(switch)
+                    worker.shutdown(wait=True)  # an interrupted generate: the step in flight ends before its pages go
+                if self._worker_stream is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(self._worker_stream)
+            finally:
+                self.scheduler.abort_all()  # no-op after a clean finish; frees everything if interrupted
         return [[self._completion(s) for s in group] for group in groups]
 
     # ------------------------------------------------------------------ one step
@@ -661,6 +668,19 @@ def _resolve_cuda_graphs(requested: bool | None, backend: str, device: torch.dev
     if requested and backend != "triton":
         raise ValueError(f"cuda_graphs needs attention_backend='triton'; the backend is {backend!r}")
     return bool(requested)
+
+
+def _switch_interval() -> float:
+    env = os.environ.get("ENGINE_OVERLAP_SWITCH_S", "")
+    if not env:
+        return OVERLAP_SWITCH_INTERVAL_S
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"ENGINE_OVERLAP_SWITCH_S must be a number of seconds > 0, got {env!r}")
+    return value
 
 
 def _resolve_overlap(requested: bool | None, device: torch.device) -> bool:

@@ -166,9 +166,7 @@ def sample(
         k, cut = _effective_top_k(batch.top_k, top_p, V)
         c = min(candidates, V)
         if c == V and probs.device.type == "cpu":
-            # Every token is a candidate: numpy's vectorised sort is ~6x faster than torch's topk or
-            # sort here (0.3 against 2 ms at 504 x 128), time a CPU engine spends on every step.
-            cand_i = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1))
+            cand_i = _sort_descending_cpu(probs)
             cand_p = probs.gather(1, cand_i)
         else:
             cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
@@ -316,6 +314,22 @@ def _redo_full_sort(
             f"cannot sample rows {failed.tolist()}: their logits are not finite (NaN, +inf or all -inf)"
         )
     return tokens, lps
+
+
+def _sort_descending_cpu(probs: torch.Tensor) -> torch.Tensor:
+    """int64 [R, N]: each row's indices by descending probability, ties by ascending index.
+
+    numpy's vectorised sort of one uint64 key per entry (the probability's bits, reversed, then
+    the index): unique keys, so the order does not depend on the sort's algorithm or the CPU's
+    instruction set; ~5x faster than torch's topk or sort on a CPU (0.4 against 2 ms at
+    504 x 128), time a CPU engine spends on every step. probs >= 0, whose float32 bits order as
+    the values do.
+    """
+    p = probs.float().contiguous().numpy()
+    bits = p.view(np.uint32).astype(np.uint64)
+    key = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.arange(p.shape[-1], dtype=np.uint64)
+    key.sort(axis=-1)
+    return torch.from_numpy((key & np.uint64(0xFFFFFFFF)).astype(np.int64))
 
 
 def _pack(token: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:

@@ -112,13 +112,20 @@ class Scheduler:
         """Plan this step: running sequences first (growing their page tables), then admissions, then forks.
 
         can_preempt: False while a step is in flight; if the running sequences' pages do not fit,
-        nothing is planned and the result has `need_sync` set.
+        nothing is planned (nothing evicted either) and the result has `need_sync` set.
         """
         out = Scheduled()
         saved = self.stats.prefill_tokens, self.stats.decode_tokens
         grow = self._plan_running(self.running, out)
         if grow:
             total = sum(need for _, need in grow)
+            if not can_preempt and self.allocator.num_free < total:
+                # Short with a step in flight: drain first (its finishes may free the pages) rather
+                # than evict cached prefixes for a plan that may not need them.
+                for seq, start in zip(out.seqs, out.starts):
+                    seq.num_computed = start
+                self.stats.prefill_tokens, self.stats.decode_tokens = saved
+                return Scheduled(need_sync=True)
             if self._make_room(total):
                 pages = self.allocator.allocate(total)
                 for seq, need in grow:
@@ -130,8 +137,6 @@ class Scheduler:
                 for seq, start in zip(out.seqs, out.starts):
                     seq.num_computed = start
                 self.stats.prefill_tokens, self.stats.decode_tokens = saved
-                if not can_preempt:
-                    return Scheduled(need_sync=True)
                 served = self._grow_or_preempt(grow)
                 out = Scheduled()
                 regrow = self._plan_running(served, out)

@@ -135,12 +135,21 @@ def test_overlap_is_on_by_default_on_cuda_and_changes_no_output(save_hf, cuda_gr
                              stop_token_ids=[int(t) for t in torch.randint(0, 2048, (20,), generator=g)])
               for i in range(3)]
     outputs = {}
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     for overlap in (None, False):
+        model.load_state_dict(start)
         engine = Engine(model, page_size=16, kv_cache_tokens=1 << 14, overlap=overlap, cuda_graphs=cuda_graphs)
         assert engine.overlap is (overlap is None)
         first = engine.generate(prompts, params)
         states = [p + c.token_ids[:len(c.token_ids) // 2] for p, grp in zip(prompts, first) for c in grp[:2]]
         second = engine.generate(states, SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=7, logprobs=True))
+        with torch.no_grad():  # an in-place update on the caller's stream, as an optimizer step is:
+            for p in model.parameters():  # the worker's stream must wait for it
+                p.mul_(1.01)
+        engine.invalidate_cache()
+        third = engine.generate(prompts, params)
+        if cuda_graphs:
+            assert engine.attention_stats.graph_steps > 0
         outputs[overlap] = [[(c.token_ids, c.logprobs, c.finish_reason, c.cached_tokens) for c in grp]
-                            for grp in first + second]
+                            for grp in first + second + third]
     assert outputs[None] == outputs[False]

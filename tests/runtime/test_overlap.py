@@ -170,6 +170,32 @@ def test_an_error_in_the_worker_reaches_the_caller_and_leaks_nothing(tiny):
     assert _outputs(again) == _outputs(fresh)
 
 
+def test_an_interrupt_in_the_host_thread_while_the_worker_runs_leaks_nothing(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, page_size=4, kv_cache_tokens=512, overlap=True)
+    postprocess, calls = engine._postprocess, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # (the worker is running the next step meanwhile)
+            raise KeyboardInterrupt
+        return postprocess(*args)
+
+    engine._postprocess = interrupted
+    switch = __import__("sys").getswitchinterval()
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=3, max_new_tokens=10, ignore_eos=True))
+    engine._postprocess = postprocess
+    assert __import__("sys").getswitchinterval() == switch  # restored
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert (engine.rows.pending == -1).all()
+    _check_ownership(engine)
+    engine.invalidate_cache()
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    assert len(out[0][0].token_ids) == 4
+
+
 def test_overlap_defaults_on_cuda_only_and_the_environment_overrides(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.delenv("ENGINE_OVERLAP", raising=False)
@@ -180,3 +206,7 @@ def test_overlap_defaults_on_cuda_only_and_the_environment_overrides(tiny, monke
     monkeypatch.setenv("ENGINE_OVERLAP", "yes")
     with pytest.raises(ValueError, match="ENGINE_OVERLAP must be 0 or 1, got 'yes'"):
         Engine(model, tok)
+    monkeypatch.setenv("ENGINE_OVERLAP", "1")
+    monkeypatch.setenv("ENGINE_OVERLAP_SWITCH_S", "0")
+    with pytest.raises(ValueError, match="ENGINE_OVERLAP_SWITCH_S must be a number of seconds > 0, got '0'"):
+        Engine(model, tok).generate([[5, 6]], SamplingParams(max_new_tokens=2))
