@@ -246,7 +246,7 @@ def overlap_report(args, names: list[str], model, best) -> dict:
             real_serial, real_overlap = best(name, False), best(name, True)
             stub_body(model)
             stub = best(name, False)
-            build_real(model, args)
+            build_real(model)
             # The host's bookkeeping: the stubbed step less what its worker part spent (the LM head,
             # the sampler's kernels and the wait for its tokens are device time).
             host = stub["host_ms_per_step"] - stub["phases_ms_per_step"]["forward"] \
@@ -303,7 +303,7 @@ def overlap_report(args, names: list[str], model, best) -> dict:
     return report
 
 
-def build_real(model: Transformer, args) -> None:
+def build_real(model: Transformer) -> None:
     """Give a stubbed model its real backbone forward back (stub_body set an instance attribute)."""
     model.model.__dict__.pop("forward", None)
 

@@ -122,9 +122,7 @@ class Scheduler:
             if not can_preempt and self.allocator.num_free < total:
                 # Short with a step in flight: drain first (its finishes may free the pages) rather
                 # than evict cached prefixes for a plan that may not need them.
-                for seq, start in zip(out.seqs, out.starts):
-                    seq.num_computed = start
-                self.stats.prefill_tokens, self.stats.decode_tokens = saved
+                self._undo(out, saved)
                 return Scheduled(need_sync=True)
             if self._make_room(total):
                 pages = self.allocator.allocate(total)
@@ -134,9 +132,7 @@ class Scheduler:
                     del pages[:need]
                     self.rows.write_pages(seq, old)
             else:  # the pool is short: undo the plan, serve the oldest first, preempt the newest
-                for seq, start in zip(out.seqs, out.starts):
-                    seq.num_computed = start
-                self.stats.prefill_tokens, self.stats.decode_tokens = saved
+                self._undo(out, saved)
                 served = self._grow_or_preempt(grow)
                 out = Scheduled()
                 regrow = self._plan_running(served, out)
@@ -154,6 +150,12 @@ class Scheduler:
             self._add_entry(out, seq, seq.num_computed, end)
         self._plan_samples(out)
         return out
+
+    def _undo(self, out: Scheduled, saved: tuple[int, int]) -> None:
+        """Take back a plan of running sequences (no page was given yet): their progress and the token counts."""
+        for seq, start in zip(out.seqs, out.starts):
+            seq.num_computed = start
+        self.stats.prefill_tokens, self.stats.decode_tokens = saved
 
     def _plan_running(self, seqs: list[Sequence], out: Scheduled) -> list[tuple[Sequence, int]]:
         """Add running sequences to the step, oldest first, within the token budget.

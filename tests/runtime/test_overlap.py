@@ -142,6 +142,17 @@ def test_the_host_postprocesses_step_n_while_the_worker_runs_step_n_plus_1(tiny)
     assert threading.current_thread().name not in threads  # every forward ran on the worker
 
 
+def _assert_left_clean(engine: Engine) -> None:
+    """After an interrupted generate: no sequence, row, pending index, page, lock or hold is left."""
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.scheduler._num_seqs == 0
+    assert len(engine.rows._free) == engine.scheduler.max_num_seqs  # every row is back
+    assert (engine.rows.pending == -1).all()
+    _check_ownership(engine)
+    engine.invalidate_cache()  # would raise if a lock or a running sequence were left behind
+    assert engine.allocator.num_free == engine.allocator.num_pages
+
+
 def test_an_error_in_the_worker_reaches_the_caller_and_leaks_nothing(tiny):
     model, tok = tiny
     engine = Engine(model, tok, page_size=4, kv_cache_tokens=512, overlap=True)
@@ -159,12 +170,7 @@ def test_an_error_in_the_worker_reaches_the_caller_and_leaks_nothing(tiny):
     with pytest.raises(RuntimeError, match="device fault in step 4"):
         engine.generate(prompts, params)
     engine._forward = forward
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert engine.scheduler._num_seqs == 0
-    assert len(engine.rows._free) == engine.scheduler.max_num_seqs  # every row is back
-    _check_ownership(engine)
-    engine.invalidate_cache()  # would raise if a lock or a running sequence were left behind
-    assert engine.allocator.num_free == engine.allocator.num_pages
+    _assert_left_clean(engine)
     again = engine.generate(prompts, params)
     fresh = Engine(model, tok, page_size=4, kv_cache_tokens=512, overlap=False).generate(prompts, params)
     assert _outputs(again) == _outputs(fresh)
@@ -187,11 +193,7 @@ def test_an_interrupt_in_the_host_thread_while_the_worker_runs_leaks_nothing(tin
         engine.generate([[5, 6, 7], [8, 9]], SamplingParams(n=3, max_new_tokens=10, ignore_eos=True))
     engine._postprocess = postprocess
     assert __import__("sys").getswitchinterval() == switch  # restored
-    assert not engine.scheduler.running and not engine.scheduler.waiting
-    assert (engine.rows.pending == -1).all()
-    _check_ownership(engine)
-    engine.invalidate_cache()
-    assert engine.allocator.num_free == engine.allocator.num_pages
+    _assert_left_clean(engine)
     out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
     assert len(out[0][0].token_ids) == 4
 

@@ -363,3 +363,20 @@ def test_host_flags_count_a_top_k_past_the_vocabulary_as_no_cut():
     assert host_flags(greedy, top_p, top_k, vocab_size=300) == dict(all_greedy=False, any_cut=False, any_uncut=True)
     assert host_flags(greedy[:2], np.array([0.9, 1.0]), np.array([0, 20]), 300)["any_uncut"] is False
     assert host_flags(np.array([True]), np.array([1.0]), np.array([0]))["all_greedy"] is True
+
+
+def test_the_cpu_sort_of_a_whole_vocabulary_is_descending_with_ties_by_index():
+    """The sampler's candidate order when every token is a candidate (CPU): the same as a stable
+    descending sort, so tied probabilities come in index order on any CPU."""
+    from engine.runtime.sampler import _sort_descending_cpu
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 128, generator=g) * 2, -1)
+    probs[0] = 0.001
+    probs[0, [10, 50, 90]] = 0.3       # a tie at the top
+    probs[1, :] = 1.0 / 128            # every token tied
+    probs[2, 7] = 0.0                  # a zero
+    order = _sort_descending_cpu(probs)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, torch.sort(probs, dim=-1, descending=True, stable=True).indices)
+    assert order[0, :3].tolist() == [10, 50, 90] and order[1].tolist() == list(range(128))
