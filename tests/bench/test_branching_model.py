@@ -50,5 +50,5 @@ def test_model_mode_times_the_engine_against_three_hf_batchings(chat_checkpoint,
     prof = report["engine_profile"]
     assert prof["steps"] == 2 and 0 < prof["attention_share"] < 1 and prof["attention_top_ops_s"]
     best = report["summary"]["best_hf"]
-    assert report["summary"]["engine_over_best_hf"] == pytest.approx(results[best]["mc_s"] / eng["mc_s"])
+    assert report["summary"]["engine_speedup_over_best_hf"] == pytest.approx(results[best]["mc_s"] / eng["mc_s"])
     assert report["example"].startswith("<user>")
