@@ -90,6 +90,7 @@ def evaluate(model_dir: str, task_name: str, *, data: str | None = None, split: 
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer files; evaluation needs one to read the answers")
+    task.use_tokenizer(tokenizer)
     engine = Engine(model, tokenizer, kv_cache_tokens=kv_cache_tokens)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                             stop=STOP_STRINGS.get(task_name, ()), seed=seed)

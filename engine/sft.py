@@ -72,6 +72,7 @@ def sft(model: Transformer, tokenizer, task: Task, *, steps: int, batch_size: in
     dist = dist if dist is not None else Dist()
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    task.use_tokenizer(tokenizer)
     items = [it for it in (task.items("train") if items is None else items) if it.solution is not None]
     if not items:
         raise ValueError(f"task {task.name}: no train item has a reference solution")

@@ -513,6 +513,10 @@ def values_main(args: argparse.Namespace, sub: argparse.ArgumentParser) -> dict:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     if tokenizer is None:
         sub.error(f"{args.model} has no tokenizer files; the analysis needs one to grade responses")
+    try:
+        task.use_tokenizer(tokenizer)
+    except ValueError as e:
+        sub.error(str(e))
     engine = Engine(model, tokenizer, kv_cache_tokens=args.kv_cache_tokens)
     critic = Critic.load(args.critic, device=device, dtype=args.dtype) if args.critic else None
     t0 = time.perf_counter()

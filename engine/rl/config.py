@@ -54,7 +54,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- what to train
     algo: str = "vineppo"              # a name in engine.rl.algorithms.REGISTRY: vineppo, ppo, grpo, rloo, capo, ...
-    task: str = "arithmetic"           # gsm8k | math | arithmetic
+    task: str = "arithmetic"           # gsm8k | math | arithmetic | word-arithmetic
     task_args: dict = field(default_factory=dict)  # keyword options of load_task (data=, steps=, ...)
     model: str | None = None           # HF checkpoint folder; None = the built-in tiny model
     tiny_model_args: dict = field(default_factory=dict)  # overrides of engine.model.tiny_config

@@ -126,6 +126,7 @@ class Trainer:
         if self.tokenizer is None:
             raise ValueError(f"{self.start_dir} has no tokenizer files; the trainer needs one to read and grade "
                              f"responses")
+        self.task.use_tokenizer(self.tokenizer)
         self.policy.gradient_checkpointing = cfg.gradient_checkpointing
         # The frozen starting model (the KL reference, a preference loss's reference, a base to restart from).
         self.ref = self._frozen_copy(self.start_dir) if self.algorithm.needs_reference(cfg) else None

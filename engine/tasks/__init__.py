@@ -4,6 +4,8 @@
     task = load_task("gsm8k", data="sample")         # 32 shipped rows per split
     task = load_task("math", data={"test": "math500.jsonl"}, question_field="problem")
     task = load_task("arithmetic", steps=3, max_operand=50, seed=1)   # generated, no download
+    task = load_task("word-arithmetic", chat=True)   # stories; prompts in the model's chat template
+    task.use_tokenizer(tokenizer)                     # (chat: the tokenizer renders the prompts)
     item = task.items("test")[0]
     task.prompt(item), task.reward(response, item, finish_reason)
 """
@@ -19,16 +21,18 @@ from engine.tasks.base import (
 from engine.tasks.grading import GraderPool, gsm8k_correct, math_correct
 from engine.tasks.gsm8k import GSM8KTask
 from engine.tasks.math import MathTask
+from engine.tasks.word_arithmetic import WordArithmeticTask
 
-TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MathTask, "arithmetic": ArithmeticTask}
+TASKS: dict[str, type[Task]] = {"gsm8k": GSM8KTask, "math": MathTask, "arithmetic": ArithmeticTask,
+                                "word-arithmetic": WordArithmeticTask}
 
 
 def load_task(name: str, **kwargs) -> Task:
     """The task registered as `name`, built with its keyword options.
 
-    Data tasks take data=, template=, question_field=, answer_field=, config=; arithmetic
-    takes template=, seed=, steps=, min_operand=, max_operand=, ops=, allow_negative=,
-    n_train=, n_test=, answer_only_frac=.
+    Every task takes template= and chat=; data tasks take data=, question_field=,
+    answer_field=, config=; arithmetic and word-arithmetic take seed=, steps=, min_operand=,
+    max_operand=, ops=, allow_negative=, n_train=, n_test=, answer_only_frac=.
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
@@ -48,6 +52,6 @@ def parse_task_args(text: str) -> dict:
 
 __all__ = [
     "STEP_STYLES", "TASKS", "VINEPPO_TEMPLATE", "ArithmeticTask", "DatasetTask", "GSM8KTask", "GraderPool",
-    "Item", "MathTask", "Task", "TaskDataError", "gsm8k_correct", "load_dataset_rows", "load_task",
+    "Item", "MathTask", "Task", "TaskDataError", "WordArithmeticTask", "gsm8k_correct", "load_dataset_rows", "load_task",
     "math_correct", "parse_task_args",
 ]

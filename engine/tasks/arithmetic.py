@@ -54,6 +54,7 @@ class ArithmeticTask(Task):
     alone ("#### 52"), as in SFT sets where some annotators skipped the work. Grading looks
     at the final answer only, so this changes what SFT imitates, not what is rewarded; a
     model that learned both styles can learn from reward that working line by line pays.
+    chat: prompts as a user turn of the model's chat template (Task.prompt).
 
     The defaults (2-4 steps of + and - on 0..50) leave room on both sides: the built-in tiny
     model after 1500 SFT steps of 16 solutions (about 6 minutes on 2 CPU cores) solved 62% of
@@ -68,49 +69,53 @@ class ArithmeticTask(Task):
     def __init__(self, data: None = None, *, template: str | None = None, seed: int = 0,
                  steps: int | tuple[int, int] = (2, 4), min_operand: int = 0, max_operand: int = 50,
                  ops: str = "+-", allow_negative: bool = False, n_train: int = 10000, n_test: int = 500,
-                 answer_only_frac: float = 0.0):
+                 answer_only_frac: float = 0.0, chat: bool = False):
         if data is not None:
-            raise ValueError("arithmetic: the task is generated and takes no data; use its knobs instead")
-        super().__init__(template)
+            raise ValueError(f"{self.name}: the task is generated and takes no data; use its knobs instead")
+        super().__init__(template, chat)
         lo, hi = (steps, steps) if isinstance(steps, int) else steps
         if not 1 <= lo <= hi:
-            raise ValueError(f"arithmetic: steps must be >= 1 (an int or a (min, max) range), got {steps}")
+            raise ValueError(f"{self.name}: steps must be >= 1 (an int or a (min, max) range), got {steps}")
         if not 0 <= min_operand <= max_operand:
-            raise ValueError(f"arithmetic: need 0 <= min_operand <= max_operand, got {min_operand}, {max_operand}")
+            raise ValueError(f"{self.name}: need 0 <= min_operand <= max_operand, got {min_operand}, {max_operand}")
         if not ops or set(ops) - set(_APPLY):
-            raise ValueError(f"arithmetic: ops must be a non-empty subset of '+-*', got {ops!r}")
+            raise ValueError(f"{self.name}: ops must be a non-empty subset of '+-*', got {ops!r}")
         if n_train < 1 or n_test < 1:
-            raise ValueError(f"arithmetic: n_train and n_test must be >= 1, got {n_train}, {n_test}")
+            raise ValueError(f"{self.name}: n_train and n_test must be >= 1, got {n_train}, {n_test}")
         if isinstance(answer_only_frac, bool) or not isinstance(answer_only_frac, (int, float)) \
                 or not 0.0 <= answer_only_frac <= 1.0:
-            raise ValueError(f"arithmetic: answer_only_frac must be a number in [0, 1], got {answer_only_frac!r}")
+            raise ValueError(f"{self.name}: answer_only_frac must be a number in [0, 1], got {answer_only_frac!r}")
         self.seed, self.steps, self.ops = seed, (lo, hi), ops
         self.answer_only_frac = answer_only_frac
         self.operands, self.allow_negative = (min_operand, max_operand), allow_negative
         self.sizes = {"train": n_train, "test": n_test}
 
     def _generate(self, split: str, n: int, exclude: set[str]) -> list[Item]:
-        rng = random.Random(f"arithmetic-{self.seed}-{split}")  # str seeds are stable across runs
+        rng = random.Random(f"{self.name}-{self.seed}-{split}")  # str seeds are stable across runs
         # A second generator picks the answer-only solutions, so the problems do not depend on the fraction.
-        style_rng = random.Random(f"arithmetic-{self.seed}-{split}-answer-only")
+        style_rng = random.Random(f"{self.name}-{self.seed}-{split}-answer-only")
         answer_only_frac = self.answer_only_frac if split == "train" else 0.0
         items: list[Item] = []
         seen = set(exclude)
         for _ in range(100 * n + 1000):  # bounded: a too-small problem space is an error
-            problem = make_problem(rng, rng.randint(*self.steps), *self.operands, self.ops, self.allow_negative)
+            problem = self._make_problem(rng)
             if problem is None or problem[0] in seen:
                 continue
             expr, answer, solution = problem
             seen.add(expr)
             if style_rng.random() < answer_only_frac:
                 solution = f"#### {answer}"
-            items.append(Item(id=f"arithmetic-{split}-{len(items)}", question=expr, answer=str(answer),
+            items.append(Item(id=f"{self.name}-{split}-{len(items)}", question=expr, answer=str(answer),
                               solution=solution))
             if len(items) == n:
                 return items
         raise ValueError(
-            f"arithmetic: found only {len(items)} distinct {split} problems of {n} with steps={self.steps}, "
+            f"{self.name}: found only {len(items)} distinct {split} problems of {n} with steps={self.steps}, "
             f"operands={self.operands}, ops={self.ops!r}; widen the knobs or ask for fewer")
+
+    def _make_problem(self, rng: random.Random) -> tuple[str, int, str] | None:
+        """(question, answer, solution) drawn from rng, or None to draw again."""
+        return make_problem(rng, rng.randint(*self.steps), *self.operands, self.ops, self.allow_negative)
 
     def _load(self, split: str) -> list[Item]:
         test = self._items.get("test") or self._generate("test", self.sizes["test"], set())

@@ -48,14 +48,30 @@ class Task(ABC):
     default_template: ClassVar[str]
     splits: ClassVar[tuple[str, ...]] = ("train", "test")
 
-    def __init__(self, template: str | None = None):
+    def __init__(self, template: str | None = None, chat: bool = False):
         if self.step_style not in STEP_STYLES:  # the value estimator knows only these
             raise TypeError(f"{type(self).__name__}.step_style must be one of {STEP_STYLES}, got {self.step_style!r}")
         template = self.default_template if template is None else template
         if "{question}" not in template:
             raise ValueError(f"{self.name}: the template must contain '{{question}}', got {template!r}")
+        if not isinstance(chat, bool):
+            raise ValueError(f"{self.name}: chat must be true or false, got {chat!r}")
         self.template = template
+        self.chat = chat
+        self._chat_tokenizer = None
         self._items: dict[str, list[Item]] = {}
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """The tokenizer whose chat template renders prompts when `chat` is on (a no-op when off).
+
+        Whoever pairs a task with a model calls this: the trainer, evaluation, SFT, the analyses.
+        """
+        if not self.chat:
+            return
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{self.name}: chat is on, but the model's tokenizer has no chat template; "
+                             "set the task's chat: false or use a chat model")
+        self._chat_tokenizer = tokenizer
 
     def items(self, split: str) -> list[Item]:
         """The items of a split (loaded once, then cached); raises on an unknown or empty split."""
@@ -69,8 +85,23 @@ class Task(ABC):
         return list(self._items[split])
 
     def prompt(self, item: Item) -> str:
+        """The text the model continues: the template filled in, as a chat user turn when `chat` is on.
+
+        A chat prompt is the tokenizer's template with the assistant's generation prompt, as text;
+        a BOS the template writes first is left out, since encoding the text adds it back.
+        """
         # replace, not str.format: templates and questions may hold LaTeX braces.
-        return self.template.replace("{question}", item.question)
+        text = self.template.replace("{question}", item.question)
+        if not self.chat:
+            return text
+        tok = self._chat_tokenizer
+        if tok is None:
+            raise RuntimeError(f"{self.name}: chat is on; call task.use_tokenizer(tokenizer) before task.prompt()")
+        chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        bos = getattr(tok, "bos_token", None)
+        if bos and chat.startswith(bos) and tok.encode("", add_special_tokens=True)[:1] == [tok.bos_token_id]:
+            chat = chat[len(bos):]
+        return chat
 
     @abstractmethod
     def is_correct(self, response: str, item: Item) -> bool:
@@ -165,6 +196,7 @@ def _select(ds, fields: list[str], where: str) -> list[dict]:
 class DatasetTask(Task):
     """A task whose items come from a dataset with a question field and an answer field.
 
+    chat: prompts as a user turn of the model's chat template (see Task.prompt).
     data: None (the task's hub datasets), "sample" (the rows shipped in engine/tasks/data),
     a hub name or local file used for every split, or a mapping split -> hub name or file.
     """
@@ -176,8 +208,8 @@ class DatasetTask(Task):
 
     def __init__(self, data: Source | Mapping[str, Source] | None = None, *, template: str | None = None,
                  question_field: str | None = None, answer_field: str | None = None,
-                 config: str | None = None):
-        super().__init__(template)
+                 config: str | None = None, chat: bool = False):
+        super().__init__(template, chat)
         self.fields = (question_field or self.question_field, answer_field or self.answer_field)
         if data is None:
             self.sources: dict[str, tuple[Source, str | None]] = dict(self.hub)

@@ -350,7 +350,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, overrides, message):
 
 
 def test_unknown_preset_and_required_model():
-    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: chains, default, gsm8k, math, smoke"):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: chains, default, gsm8k, math, smoke, smollm-arith"):
         load_config("nope")
     with pytest.raises(ConfigError, match="needs a value for model"):
         load_config("gsm8k")
@@ -485,3 +485,34 @@ def test_ppo_critic_trains_in_training_mode(tmp_path, monkeypatch):
     assert modes and all(modes)           # checkpointing (and any train-only behaviour) is on
     assert not trainer.algorithm.critic.training    # and off again for the next value pass
     assert not torch.equal(head, trainer.algorithm.critic.head.weight)
+
+
+def test_chat_task_prompts_in_the_models_chat_template(tmp_path):
+    """task_args chat: true: the trainer hands its tokenizer to the task, so every rollout's prompt
+    is a user turn of the checkpoint's chat template (here a one-line template on the tiny model)."""
+    create_tiny_checkpoint(tmp_path / "chat-model", **TINY)
+    _, tok = load_model(tmp_path / "chat-model")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(str(tmp_path / "chat-model"))
+    cfg = fast_config(tmp_path, model=str(tmp_path / "chat-model"), task="word-arithmetic", iterations=1,
+                      task_args={"chat": True, "steps": 1, "n_test": 16, "n_train": 64})
+    trainer = Trainer(cfg, progress=False)
+    item = trainer.train_items[0]
+    assert trainer.task.prompt(item) == f"<user>{item.question}\n<assistant>"
+    episodes = sample_episodes(trainer.engine, trainer.task, [item], SamplingParams(n=2, max_new_tokens=4))
+    assert trainer.tokenizer.decode(episodes[0].prompt_ids) == f"<user>{item.question}\n<assistant>"
+    trainer.run()
+    assert [r["iteration"] for r in rows_of(trainer)] == [0, 1]
+
+
+def test_smollm_arith_preset_needs_the_model_and_builds_a_chat_task(tmp_path):
+    with pytest.raises(ConfigError, match="needs a value for model"):
+        load_config("smollm-arith")
+    (tmp_path / "m").mkdir()
+    cfg = load_config("smollm-arith", {"model": str(tmp_path / "m")})
+    task = load_task(cfg.task, **cfg.task_args)
+    assert cfg.task == "word-arithmetic" and task.chat and task.steps == (1, 1)
+    assert len(task.items("test")) >= cfg.eval_items
+    grpo = load_config("smollm-arith", {"model": str(tmp_path / "m"), "algo": "grpo"})
+    assert (cfg.iterations, grpo.iterations) == (6, 12)

@@ -22,9 +22,9 @@ def write_jsonl(path, rows):
 # ------------------------------------------------------------------------------ registry
 
 def test_unknown_task_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'gsm9k'; known tasks: arithmetic, gsm8k, math"):
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'; known tasks: arithmetic, gsm8k, math, word-arithmetic"):
         load_task("gsm9k")
-    assert set(TASKS) == {"arithmetic", "gsm8k", "math"}
+    assert set(TASKS) == {"arithmetic", "gsm8k", "math", "word-arithmetic"}
 
 
 def test_step_styles_and_default_templates():
