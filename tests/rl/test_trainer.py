@@ -515,4 +515,4 @@ def test_smollm_arith_preset_needs_the_model_and_builds_a_chat_task(tmp_path):
     assert cfg.task == "word-arithmetic" and task.chat and task.steps == (1, 1)
     assert len(task.items("test")) >= cfg.eval_items
     grpo = load_config("smollm-arith", {"model": str(tmp_path / "m"), "algo": "grpo"})
-    assert (cfg.iterations, grpo.iterations) == (6, 18)
+    assert (cfg.iterations, grpo.iterations) == (12, 20)
