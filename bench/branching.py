@@ -407,7 +407,8 @@ def run_model(args) -> dict:
 
 
 def print_model_report(report: dict) -> None:
-    """The table: each method's MC seconds, tokens/s, prefill / cached / computed tokens, engine speed over it."""
+    """The table: each method's MC seconds, tokens/s, generated / sampled / prefill / cached / forward tokens and
+    the engine's speedup over it; above it, where the engine's time goes."""
     a, s, r = report["args"], report["summary"], report["results"]
     eng = r["engine"]
     print(f"\nMC workload on {Path(a['model']).name} ({report['params'] / 1e6:.1f}M params, {s['threads']} threads): "
