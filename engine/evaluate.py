@@ -33,7 +33,7 @@ import torch
 from engine import Engine, SamplingParams, load_model
 from engine.progress import progress_bar
 from engine.rl.distributed import Dist, init_from_env, run_ranks
-from engine.tasks import Task, load_task, parse_task_args
+from engine.tasks import ChatTemplateError, Task, load_task, parse_task_args
 
 # VinePPO stops its MATH/GSM8K samples where the model starts a new few-shot problem.
 STOP_STRINGS = {"gsm8k": ("\n\n\nProblem:",), "math": ("\n\n\nProblem:",), "arithmetic": ()}
@@ -249,7 +249,7 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace, dist: Dist) -> 
     if args.run_dir is not None:
         try:
             table = evaluate_run(args.run_dir, task_name=args.task, task_args=args.task_args, **common)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ChatTemplateError) as e:
             ap.error(str(e))
         if not dist.is_main:
             return {}
@@ -260,7 +260,10 @@ def _main(ap: argparse.ArgumentParser, args: argparse.Namespace, dist: Dist) -> 
             print(f"{r['checkpoint']:<14}" + "".join(f"{r[k]:>10.4f}" for k in keys))
         print(f"-> {table['path']}")
         return table
-    report = evaluate(args.model, args.task, out=args.out, task_args=args.task_args, **common)
+    try:
+        report = evaluate(args.model, args.task, out=args.out, task_args=args.task_args, **common)
+    except ChatTemplateError as e:
+        ap.error(str(e))
     if not dist.is_main:
         return {}
     m = report["metrics"]

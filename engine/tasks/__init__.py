@@ -17,7 +17,7 @@ import yaml
 
 from engine.tasks.arithmetic import ArithmeticTask
 from engine.tasks.base import (
-    STEP_STYLES, VINEPPO_TEMPLATE, DatasetTask, Item, Task, TaskDataError, load_dataset_rows)
+    STEP_STYLES, VINEPPO_TEMPLATE, ChatTemplateError, DatasetTask, Item, Task, TaskDataError, load_dataset_rows)
 from engine.tasks.grading import GraderPool, gsm8k_correct, math_correct
 from engine.tasks.gsm8k import GSM8KTask
 from engine.tasks.math import MathTask
@@ -51,7 +51,7 @@ def parse_task_args(text: str) -> dict:
 
 
 __all__ = [
-    "STEP_STYLES", "TASKS", "VINEPPO_TEMPLATE", "ArithmeticTask", "DatasetTask", "GSM8KTask", "GraderPool",
+    "STEP_STYLES", "TASKS", "VINEPPO_TEMPLATE", "ArithmeticTask", "ChatTemplateError", "DatasetTask", "GSM8KTask", "GraderPool",
     "Item", "MathTask", "Task", "TaskDataError", "WordArithmeticTask", "gsm8k_correct", "load_dataset_rows", "load_task",
     "math_correct", "parse_task_args",
 ]

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 # The zero-shot prompt of VinePPO (prompt_library/MATH_step_by_step_sft), for GSM8K and MATH.
 VINEPPO_TEMPLATE = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
@@ -28,6 +28,10 @@ Source = Union[str, os.PathLike]
 
 class TaskDataError(ValueError):
     """A data source that cannot be read, lacks a needed field, is empty or has a bad row."""
+
+
+class ChatTemplateError(ValueError):
+    """A task with chat prompts paired with a tokenizer that has no chat template."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Task(ABC):
             raise ValueError(f"{self.name}: chat must be true or false, got {chat!r}")
         self.template = template
         self.chat = chat
-        self._chat_tokenizer = None
+        self._chat_tokenizer: Any = None  # (a transformers tokenizer, set by use_tokenizer)
         self._items: dict[str, list[Item]] = {}
 
     def use_tokenizer(self, tokenizer) -> None:
@@ -69,7 +73,7 @@ class Task(ABC):
         if not self.chat:
             return
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{self.name}: chat is on, but the model's tokenizer has no chat template; "
+            raise ChatTemplateError(f"{self.name}: chat is on, but the model's tokenizer has no chat template; "
                              "set the task's chat: false or use a chat model")
         self._chat_tokenizer = tokenizer
 

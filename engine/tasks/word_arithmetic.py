@@ -9,8 +9,9 @@ Generated like `arithmetic` (seeded, no download, no test question in train), gr
 final number of the response: the number after the last `####`, else its last number, so a
 chat model that answers in prose ("... so Mia has 9 marbles.") is graded as it writes. Sized
 for SmolLM2-135M-Instruct (engine/presets/smollm-arith.yaml): with one operation on 1..9 it
-answers about 29% of 48 questions right greedily and 14% at temperature 0.6, most wrong
-answers being rambles cut by the token limit (measured 2026-12-06, max_new_tokens 96).
+answers 19% of 200 test stories right at temperature 0.6, a third of its answers rambling
+into the token limit (measured 2026-12-06, max_new_tokens 96). Such small ranges make few
+distinct sums (126 for one operation on 1..9): test stories are held out, their sums are not.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class WordArithmeticTask(ArithmeticTask):
 
     def __init__(self, data: None = None, *, steps: int | tuple[int, int] = (1, 2), min_operand: int = 1,
                  max_operand: int = 9, ops: str = "+-", n_train: int = 5000, n_test: int = 500, **kwargs):
-        if set(ops) - set("+-"):
+        if not ops or set(ops) - set("+-"):
             raise ValueError(f"{self.name}: ops must be a non-empty subset of '+-', got {ops!r}")
         super().__init__(data, steps=steps, min_operand=min_operand, max_operand=max_operand, ops=ops,
                          n_train=n_train, n_test=n_test, **kwargs)

@@ -48,16 +48,33 @@ def test_builds_once_then_reuses(offline, tmp_path):
     assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == [folder.name]
 
 
-def test_a_half_written_folder_is_never_reused(offline, tmp_path):
-    folder = tmp_path / "cache" / "smollm2-135m-instruct"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")  # no marker: a build that died halfway
-    assert not f.is_complete(folder)
-    assert f.ensure_smollm2(quiet=True) == folder and len(offline) == 1 and f.is_complete(folder)
+def test_a_damaged_build_is_rebuilt(offline, tmp_path):
+    folder = f.ensure_smollm2(quiet=True)
     (folder / "model.safetensors").write_bytes(b"x")  # truncated after the marker was written
     assert not f.is_complete(folder)
+    assert f.ensure_smollm2(quiet=True) == folder and len(offline) == 2 and f.is_complete(folder)
+    marker = json.loads((folder / f.MARKER).read_text())
+    (folder / f.MARKER).write_text(json.dumps({**marker, "format": f.FORMAT - 1}))  # an older layout
     f.ensure_smollm2(quiet=True)
-    assert len(offline) == 2 and f.is_complete(folder)
+    assert len(offline) == 3 and f.is_complete(folder)
+
+
+def test_an_empty_folder_is_built_into(offline, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert f.is_complete(f.ensure_smollm2(tmp_path / "empty", quiet=True)) and len(offline) == 1
+
+
+def test_a_folder_of_other_files_is_never_replaced(offline, tmp_path):
+    """`fetch_smollm2 models` for `models/smollm2`: the user's files stay, nothing is downloaded."""
+    models = tmp_path / "models"
+    (models / "my-run").mkdir(parents=True)
+    (models / "my-run" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(f.FetchError, match="is not empty and is not a fetch_smollm2 folder"):
+        f.ensure_smollm2(models, quiet=True)
+    assert (models / "my-run" / "model.safetensors").read_bytes() == b"weights" and offline == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(f.FetchError, match="exists and is not a folder"):
+        f.ensure_smollm2(tmp_path / "file", quiet=True)
 
 
 def test_a_failed_conversion_leaves_nothing_behind(offline, tmp_path, monkeypatch):
