@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.rl.capo import Critique, critique_prompt, parse_critique, rule_wrong_steps
 from engine.runtime import Engine, SamplingParams
+from engine.tasks.base import chat_prompt
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,7 @@ class ModelJudge:
         text = critique_prompt(request.question, request.steps, request.answer if self.show_answer else None)
         if not self.chat:
             return text
-        return self.engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                         add_generation_prompt=True)
+        return chat_prompt(self.engine.tokenizer, text)
 
     def critique(self, requests: Sequence[JudgeRequest], seeds: Sequence[int] | None = None) -> JudgeResult:
         """The critiques of every request; `seeds` (one per request) makes each request's votes

@@ -44,6 +44,18 @@ class Item:
     solution: str | None = None
 
 
+def chat_prompt(tokenizer: Any, text: str) -> str:
+    """`text` as one user turn of the tokenizer's chat template, with the assistant's generation
+    prompt, as text for `tokenizer.encode`: a BOS the template writes is left out when encoding
+    adds one back, so the ids hold one BOS."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and chat.startswith(bos) and tokenizer.encode("", add_special_tokens=True)[:1] == [tokenizer.bos_token_id]:
+        chat = chat[len(bos):]
+    return chat
+
+
 class Task(ABC):
     """A reasoning task: items per split, prompts, 0/1 rewards and a step style."""
 
@@ -98,14 +110,9 @@ class Task(ABC):
         text = self.template.replace("{question}", item.question)
         if not self.chat:
             return text
-        tok = self._chat_tokenizer
-        if tok is None:
+        if self._chat_tokenizer is None:
             raise RuntimeError(f"{self.name}: chat is on; call task.use_tokenizer(tokenizer) before task.prompt()")
-        chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        bos = getattr(tok, "bos_token", None)
-        if bos and chat.startswith(bos) and tok.encode("", add_special_tokens=True)[:1] == [tok.bos_token_id]:
-            chat = chat[len(bos):]
-        return chat
+        return chat_prompt(self._chat_tokenizer, text)
 
     @abstractmethod
     def is_correct(self, response: str, item: Item) -> bool:

@@ -165,6 +165,21 @@ def test_an_instruct_judge_reads_its_prompt_as_a_chat_turn(tmp_path):
         ModelJudge(judge.engine, votes=1, temperature=1.0, top_p=1.0, max_new_tokens=4, show_answer=True, chat=True)
 
 
+def test_a_chat_judge_prompt_holds_one_bos(tmp_path):
+    """A template that writes BOS, a tokenizer that adds one when encoding: the judge's ids hold one
+    (the rule of engine.tasks.base.chat_prompt, shared with the tasks' chat prompts)."""
+    from tokenizers import processors
+
+    trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4))
+    tok = trainer.algorithm.judge.engine.tokenizer
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[U]{{ m['content'] }}{% endfor %}[A]"
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    judge = ModelJudge(trainer.algorithm.judge.engine, votes=1, temperature=1.0, top_p=1.0, max_new_tokens=4,
+                       show_answer=True)
+    ids = tok.encode(judge.prompt(JudgeRequest("Compute 1+2.", ["1+2=3\n", "#### 3"], "3")))
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
 def test_under_fsdp_the_judges_kv_pool_is_released_for_the_update(tmp_path, monkeypatch):
     """Like the policy's pool: freed after the judge's phase, allocated again by its next critique."""
     trainer = make_trainer(fast_config(tmp_path, algo="capo", capo_judge_max_new_tokens=4, iterations=2))
