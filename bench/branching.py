@@ -29,6 +29,7 @@ import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -178,27 +179,31 @@ def mc_states(prompts: list[list[int]], responses: list[list[list[int]]], cuts: 
 ATTENTION_RANGE = "paged_attention"  # the profiler's name for the time inside the engine's attention calls
 
 
-class _TimedAttention(TorchPagedAttention):
-    """The torch reference attention, timed per call (CPU: synchronous) and marked for the profiler."""
+@dataclass
+class AttentionTime:
+    """Seconds spent in, and calls to, the torch reference attention inside one `timed_attention` block."""
 
-    seconds = 0.0
-    calls = 0
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        with torch.profiler.record_function(ATTENTION_RANGE):
-            out = super().__call__(layer, q, k, v)
-        type(self).seconds += time.perf_counter() - t0
-        type(self).calls += 1
-        return out
+    seconds: float = 0.0
+    calls: int = 0
 
 
 @contextlib.contextmanager
-def timed_attention():
-    """Every TorchPagedAttention the engine builds inside the block is a _TimedAttention (counters zeroed)."""
-    _TimedAttention.seconds, _TimedAttention.calls = 0.0, 0
-    with mock.patch.object(engine_module, "TorchPagedAttention", _TimedAttention):
-        yield _TimedAttention
+def timed_attention() -> Iterator[AttentionTime]:
+    """Every TorchPagedAttention the engine builds inside the block is timed per call (CPU: synchronous) into
+    the yielded AttentionTime, and marked for the profiler."""
+    timer = AttentionTime()
+
+    class TimedAttention(TorchPagedAttention):
+        def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            t0 = time.perf_counter()
+            with torch.profiler.record_function(ATTENTION_RANGE):
+                out = super().__call__(layer, q, k, v)
+            timer.seconds += time.perf_counter() - t0
+            timer.calls += 1
+            return out
+
+    with mock.patch.object(engine_module, "TorchPagedAttention", TimedAttention):
+        yield timer
 
 
 def model_engine(model, tokenizer, args) -> Engine:
