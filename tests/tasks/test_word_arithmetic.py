@@ -59,6 +59,8 @@ def test_deterministic_given_seed_and_registered():
 def test_bad_knobs():
     with pytest.raises(ValueError, match=r"word-arithmetic: ops must be a non-empty subset of '\+-', got '\*'"):
         load_task("word-arithmetic", ops="*")
+    with pytest.raises(ValueError, match=r"word-arithmetic: ops must be a non-empty subset of '\+-', got ''"):
+        load_task("word-arithmetic", ops="")
     with pytest.raises(ValueError, match="word-arithmetic: steps must be >= 1"):
         load_task("word-arithmetic", steps=0)
     with pytest.raises(ValueError, match="chat must be true or false, got 'yes'"):
