@@ -1,16 +1,112 @@
 // pybind11 module `engine._C`: host-side data structures of the engine.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "page_allocator.h"
 #include "radix_tree.h"
+#include "sampler.h"
 
 namespace py = pybind11;
 
+namespace {
+
+// A C-contiguous array of exactly dtype T and the given shape, never a converted copy (the
+// caller's arrays are read in place), or a ValueError naming the argument.
+template <typename T>
+py::array_t<T> checked(const py::object& obj, const char* name, std::initializer_list<int64_t> shape) {
+  if (!py::isinstance<py::array_t<T>>(obj)) {
+    throw py::value_error(std::string(name) + " must be a numpy array of " + py::str(py::dtype::of<T>()).cast<std::string>());
+  }
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size())) {
+    throw py::value_error(std::string(name) + " must have " + std::to_string(shape.size()) + " dimension(s)");
+  }
+  int d = 0;
+  for (int64_t n : shape) {
+    if (a.shape(d) != n) {
+      throw py::value_error(std::string(name) + " has size " + std::to_string(a.shape(d)) + " in dimension " +
+                            std::to_string(d) + ", expected " + std::to_string(n));
+    }
+    ++d;
+  }
+  return py::reinterpret_borrow<py::array_t<T>>(obj);
+}
+
+py::tuple sample_rows(const py::object& logits, const py::object& probs, const py::object& logprobs,
+                      const py::object& top_p, const py::object& top_k, const py::object& uniform,
+                      const py::object& greedy) {
+  const py::object& any = !probs.is_none() ? probs : logits;
+  if (any.is_none()) throw py::value_error("sample_rows needs probs, or logits when every row is greedy");
+  auto shape = py::reinterpret_borrow<py::array>(any);
+  if (shape.ndim() != 2) throw py::value_error("logits / probs must be 2-d [rows, vocab]");
+  const int64_t B = shape.shape(0), V = shape.shape(1);
+  if (V < 1 || V > (int64_t{1} << 32)) throw py::value_error("vocab must be in [1, 2**32], got " + std::to_string(V));
+  engine::SampleRowsArgs args;
+  args.rows = B;
+  args.vocab = V;
+  py::array_t<float> lg, pr, lp;
+  py::array_t<uint8_t> gr;
+  if (!greedy.is_none()) {
+    gr = checked<bool>(greedy, "greedy", {B}).attr("view")("uint8").cast<py::array_t<uint8_t>>();
+    args.greedy = gr.data();
+    lg = checked<float>(logits, "logits", {B, V});
+    args.logits = lg.data();
+  }
+  if (!probs.is_none()) {
+    pr = checked<float>(probs, "probs", {B, V});
+    args.probs = pr.data();
+  } else if (greedy.is_none()) {
+    throw py::value_error("probs is required unless greedy marks every row");
+  }
+  if (!logprobs.is_none()) {
+    lp = checked<float>(logprobs, "logprobs", {B, V});
+    args.logprobs = lp.data();
+  }
+  auto tp = checked<float>(top_p, "top_p", {B});
+  auto tk = checked<int64_t>(top_k, "top_k", {B});
+  auto un = checked<double>(uniform, "uniform", {B});
+  args.top_p = tp.data();
+  args.top_k = tk.data();
+  args.uniform = un.data();
+  if (args.probs == nullptr) {  // every row must then be greedy
+    for (int64_t r = 0; r < B; ++r) {
+      if (!args.greedy[r]) throw py::value_error("probs is required unless greedy marks every row");
+    }
+  }
+  py::array_t<int64_t> tokens(B);
+  py::object chosen = py::none();
+  py::array_t<double> chosen_arr;
+  args.tokens = tokens.mutable_data();
+  if (args.logprobs != nullptr) {
+    chosen_arr = py::array_t<double>(B);
+    args.chosen_logprobs = chosen_arr.mutable_data();
+    chosen = chosen_arr;
+  }
+  {
+    py::gil_scoped_release no_gil;  // the engine's host thread runs Python meanwhile (overlap)
+    engine::sample_rows(args);
+  }
+  return py::make_tuple(tokens, chosen);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Host-side C++ for the engine: KV page allocator and radix prefix tree.";
+  m.doc() = "Host-side C++ for the engine: KV page allocator, radix prefix tree, the CPU sampler's row loop.";
 
   py::register_exception<engine::OutOfPages>(m, "OutOfPages", PyExc_RuntimeError);
+
+  m.def("sample_rows", &sample_rows, py::arg("logits"), py::arg("probs"), py::arg("logprobs"), py::arg("top_p"),
+        py::arg("top_k"), py::arg("uniform"), py::arg("greedy"),
+        "One token per row on the CPU (csrc/sampler.h): (tokens int64 [B], logprobs[row, token] float64 [B] or\n"
+        "None). logits float32 [B, V] (read for greedy rows; None without any), probs and logprobs float32\n"
+        "[B, V] (exp(log_softmax(logits / T)) and its log; probs None only if every row is greedy, logprobs None\n"
+        "when none is wanted), top_p float32 [B], top_k int64 [B], uniform float64 [B], greedy bool [B] or None.\n"
+        "Arrays are read in place: exact dtypes, C-contiguous. A sampled row whose probs are not finite gets -1.");
 
   py::class_<engine::PageAllocator, std::shared_ptr<engine::PageAllocator>>(m, "PageAllocator")
       .def(py::init<int64_t, int64_t>(), py::arg("num_pages"), py::arg("page_size"))

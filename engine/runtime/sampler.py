@@ -17,20 +17,38 @@ u. Hence:
 
 The one-sync contract. Rows without a cut (top_p == 1, top_k == 0) draw from the cumulative
 sum of the unsorted full-vocabulary probabilities: no sort. Rows with a cut take the
-`candidates` most likely tokens (torch.topk, sorted) and apply top-k / top-p to them, which
+`candidates` most likely tokens (torch.topk, sorted; on a CPU the first of a full sort with
+ties by ascending id, the order the C++ loop uses) and apply top-k / top-p to them, which
 is exact when the row's top-k lies within the candidates, or when it has no top-k cut and
 the candidates' mass reaches its top_p. A row where neither holds is flagged on the device;
 the flag travels with the tokens in the single transfer, and only then (rare: a top_p close
 to 1 over a flat distribution, or top_k > candidates) are those rows redone with a full
 descending sort and a second transfer.
+
+Two implementations, one definition. On a CPU the default is a C++ row loop (`engine._C.sample_rows`,
+csrc/sampler.h): torch still computes logits / T, log_softmax and exp (three vectorised passes),
+and the loop does the rest per row with a partial sort of just the tokens a cut can keep, in one
+call that releases the GIL: about 5x faster than the ~40 tensor operations above at 504 x 128,
+which matters where the sampler's time is the host's (a CPU engine, the overlap worker). Its
+tokens and log-probs are the torch path's bit for bit on a CPU (tests/runtime/test_cpp_sampler.py),
+because every sum over a row is a float64 running sum in a stated order (vocabulary order for a
+row's total, descending probability for a cut), which is what torch's CPU cumsum computes. On
+CUDA the torch path runs, with reductions in place of the running sums: the same definition up
+to float64 rounding.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from engine import _C
+
+SAMPLER_BACKENDS = ("auto", "torch", "cpp")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -82,8 +100,9 @@ class SamplingBatch:
         *,
         want_logprobs: bool = False,
         device: torch.device | str = "cpu",
+        vocab_size: int | None = None,
     ) -> "SamplingBatch":
-        """From host arrays, with SamplingParams' convention temperature 0 = greedy.
+        """From host arrays, with SamplingParams' convention temperature 0 = greedy (vocab_size: see host_flags).
 
         Vectorised (no loop over rows), with one host->device copy for all the columns. (The
         engine packs its own tensors; this is a convenience for tests and simple callers.)
@@ -98,7 +117,7 @@ class SamplingBatch:
         return cls(
             temperature=dev[0].float(), top_p=dev[1].float(), top_k=dev[2].long(), uniform=dev[3],
             greedy=dev[4].bool() if greedy.any() else None, want_logprobs=want_logprobs,
-            **host_flags(greedy, top_p, top_k),
+            **host_flags(greedy, top_p, top_k, vocab_size),
         )
 
 
@@ -106,16 +125,23 @@ def host_flags(greedy: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
                vocab_size: int | None = None) -> dict[str, bool]:
     """SamplingBatch's host-known flags (all_greedy, any_cut, any_uncut) from the rows' host arrays.
 
-    A row cuts when top_p < 1 or 0 < top_k (< vocab_size, when it is given: a larger top_k cuts nothing).
+    A row cuts when top_p < 1 or 0 < top_k < vocab_size (a larger top_k cuts nothing). Without
+    vocab_size a row with top_p == 1 and a top_k may go either way, so it counts for both flags:
+    they say which paths to compute, and a row must never miss its own.
     """
-    k_cuts = top_k > 0 if vocab_size is None else (top_k > 0) & (top_k < vocab_size)
-    cuts = (top_p < 1) | k_cuts
-    return dict(all_greedy=bool(greedy.all()), any_cut=bool((~greedy & cuts).any()),
-                any_uncut=bool((~greedy & ~cuts).any()))
+    sampled = ~greedy
+    if vocab_size is None:
+        may_cut, may_uncut = (top_p < 1) | (top_k > 0), top_p >= 1
+    else:
+        may_cut = (top_p < 1) | ((top_k > 0) & (top_k < vocab_size))
+        may_uncut = ~may_cut
+    return dict(all_greedy=bool(greedy.all()), any_cut=bool((sampled & may_cut).any()),
+                any_uncut=bool((sampled & may_uncut).any()))
 
 
 def sample(
     logits: torch.Tensor, batch: SamplingBatch, *, candidates: int = 256, ids_out: list | None = None,
+    backend: str = "auto",
 ) -> tuple[list[int], list[float] | None]:
     """Sample one token per row of logits [B, V] (any float dtype; math in fp32).
 
@@ -132,12 +158,17 @@ def sample(
     Raises ValueError when a sampled row's logits are not finite (NaN, +inf, all -inf).
     ids_out: a list that receives the tokens as an int64 tensor on the logits' device (the
     engine's next step reads its input ids from it on the device).
+    backend: "cpp" (the C++ row loop; CPU logits only), "torch", or "auto": cpp on a CPU, torch
+    elsewhere; with "auto" the ENGINE_SAMPLER environment variable (torch or cpp) decides.
+    `candidates` is the torch path's (the C++ loop sorts what it needs).
     """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     B, V = logits.shape
     if B == 0:
         return [], ([] if batch.want_logprobs else None)
+    if _resolve_backend(backend, logits.device) == "cpp":
+        return _sample_cpp(logits, batch, ids_out)
     if batch.all_greedy:
         token = logits.argmax(-1)
         chosen = None
@@ -162,15 +193,15 @@ def sample(
     if batch.any_uncut:
         token, weight, _ = _inverse_cdf(probs, u)
     if batch.any_cut:
-        total = probs.double().sum(-1)  # the row's full mass, the same whatever the other rows ask for
+        total = _row_sums(probs)  # the row's full mass, the same whatever the other rows ask for
         k, cut = _effective_top_k(batch.top_k, top_p, V)
         c = min(candidates, V)
-        if c == V and probs.device.type == "cpu":
-            cand_i = _sort_descending_cpu(probs)
+        if probs.device.type == "cpu":  # ties by ascending id, as the full sort and the C++ loop order them
+            cand_i = _sort_descending_cpu(probs)[:, :c]
             cand_p = probs.gather(1, cand_i)
         else:
             cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
-        kept, mass = _cut_sorted(cand_p, top_p, k, total=total.float())
+        kept, mass = _cut_sorted(cand_p, top_p, k, total, V)
         # Exact on the candidates when the top-k cut lies within them, or when there is no
         # top-k cut and their mass reaches top_p (the first token past them is then cut,
         # and so is every later one). Else the row needs the full sort.
@@ -219,9 +250,9 @@ def reference_filtered_probs(logprobs: torch.Tensor, top_p: torch.Tensor, top_k:
     top_p = top_p.to(probs.device, torch.float32)
     top_k = top_k.to(probs.device, torch.int64)
     k, _ = _effective_top_k(top_k, top_p, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    kept, _ = _cut_sorted(sorted_p, top_p, k)
-    kept = kept / kept.sum(-1, keepdim=True)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    kept, _ = _cut_sorted(sorted_p, top_p, k, _row_sums(probs), V)
+    kept = (kept / kept.sum(-1, keepdim=True)).float()
     filtered = torch.zeros_like(kept).scatter_(1, order, kept)
     return torch.where(((top_k > 0) | (top_p < 1))[:, None], filtered, probs)
 
@@ -238,27 +269,34 @@ def _effective_top_k(top_k: torch.Tensor, top_p: torch.Tensor, V: int) -> tuple[
 
 
 def _cut_sorted(
-    sorted_p: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, total: torch.Tensor | None = None,
+    sorted_p: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor, total: torch.Tensor, vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k then top-p on descending probabilities [R, N] (all V of them, or the first N).
+    """Top-k then top-p on descending probabilities [R, N] (all `vocab` of them, or the first N).
 
-    Returns the kept weights (renormalised after the top-k cut, not after the top-p cut) and
-    the mass of all N tokens after the top-k renormalisation. The top-k renormalisation
-    divides by the sum of the kept tokens; with `total` (the row's full probability mass),
-    a row whose top-k reaches past the N given tokens divides by `total` instead (exact
-    when it has no top-k cut at all).
+    Returns the kept weights, float64 (renormalised after the top-k cut, not after the top-p
+    cut), and the mass of all N tokens after the top-k renormalisation. A row with a top-k cut
+    (k < vocab) divides by the running sum of its k kept tokens in descending order; a row
+    without one divides by `total`, its whole mass in vocabulary order (`_row_sums`). A token is
+    kept when the mass strictly before it is below top_p.
     """
     n = sorted_p.shape[-1]
     rank = torch.arange(n, device=sorted_p.device)
-    p = torch.where(rank < k[:, None], sorted_p, 0.0)
-    denom = p.sum(-1)
-    if total is not None:
-        denom = torch.where(k <= n, denom, total)
-    p = p / denom[:, None]
-    cum = p.cumsum(-1)
-    # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose
-    # mass reaches top_p survives, and the most likely token always does.
-    return torch.where(cum - p < top_p[:, None], p, 0.0), cum[:, -1]
+    p = torch.where(rank < k[:, None], sorted_p, 0.0).double()
+    denom = torch.where(k < vocab, _row_sums(p), total)
+    w = p / denom[:, None]
+    cum = w.cumsum(-1)
+    # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose mass
+    # reaches top_p survives, and the most likely token always does. (The exclusive running sum
+    # never decreases, so the kept tokens are a prefix.)
+    before = F.pad(cum[:, :-1], (1, 0))
+    return torch.where(before < top_p[:, None], w, 0.0), cum[:, -1]
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """float64 [R]: each row's sum; on a CPU the sequential running sum in column order (torch's
+    CPU cumsum, which the C++ row loop repeats exactly), elsewhere a reduction."""
+    x = x.double()
+    return x.cumsum(-1)[:, -1] if x.device.type == "cpu" else x.sum(-1)
 
 
 def _inverse_cdf(
@@ -299,8 +337,9 @@ def _redo_full_sort(
     index = torch.from_numpy(rows.astype(np.int64)).to(probs.device)
     top_p = batch.top_p[index].float()
     k, cut = _effective_top_k(batch.top_k[index], top_p, V)
-    sorted_p, order = probs.index_select(0, index).sort(dim=-1, descending=True)
-    kept, _ = _cut_sorted(sorted_p, top_p, k)
+    row_probs = probs.index_select(0, index)
+    sorted_p, order = row_probs.sort(dim=-1, descending=True, stable=True)  # ties by ascending id
+    kept, _ = _cut_sorted(sorted_p, top_p, k, _row_sums(row_probs), V)
     kept = torch.where(cut[:, None], kept, sorted_p)  # a row without a cut got here by the guard only
     idx, weight, _ = _inverse_cdf(kept, batch.uniform[index].double(), flat=True)
     token = torch.where(weight > 0, order.gather(1, idx[:, None]).squeeze(1), -1)
@@ -316,14 +355,60 @@ def _redo_full_sort(
     return tokens, lps
 
 
+def _sample_cpp(
+    logits: torch.Tensor, batch: SamplingBatch, ids_out: list | None,
+) -> tuple[list[int], list[float] | None]:
+    """`sample` on a CPU through the C++ row loop; the same tokens and log-probs as the torch path.
+
+    torch computes the tempered log-softmax and its exp exactly as the torch path does (the same
+    operations on the same tensors); `_C.sample_rows` reads them in place, without the GIL.
+    """
+    logits32 = logits.float().contiguous()  # (no copy for the engine's fp32 logits)
+    greedy = None if batch.greedy is None else batch.greedy.bool().contiguous().numpy()
+    probs = logprobs = None
+    if batch.all_greedy:
+        if batch.want_logprobs:
+            logprobs = torch.log_softmax(logits32, -1)
+    else:
+        logprobs = torch.log_softmax(logits32 / batch.temperature.float()[:, None], -1)
+        probs = logprobs.exp()
+    tokens, chosen = _C.sample_rows(
+        logits32.numpy() if greedy is not None else None,
+        None if probs is None else probs.numpy(),
+        logprobs.numpy() if batch.want_logprobs else None,
+        batch.top_p.float().contiguous().numpy(), batch.top_k.long().contiguous().numpy(),
+        batch.uniform.double().contiguous().numpy(), greedy,
+    )
+    failed = np.flatnonzero(tokens < 0)
+    if failed.size:
+        raise ValueError(
+            f"cannot sample rows {failed.tolist()}: their logits are not finite (NaN, +inf or all -inf)"
+        )
+    if ids_out is not None:
+        ids_out.append(torch.from_numpy(tokens))
+    return _as_lists(tokens, chosen)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """"cpp" or "torch" for logits on `device` (see `sample`)."""
+    if backend not in SAMPLER_BACKENDS:
+        raise ValueError(f"backend must be one of {SAMPLER_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("ENGINE_SAMPLER", "") or ("cpp" if device.type == "cpu" else "torch")
+        if backend not in ("torch", "cpp"):
+            raise ValueError(f"ENGINE_SAMPLER must be torch or cpp, got {backend!r}")
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"the cpp sampler reads CPU logits; these are on {device} (use backend='torch')")
+    return backend
+
+
 def _sort_descending_cpu(probs: torch.Tensor) -> torch.Tensor:
     """int64 [R, N]: each row's indices by descending probability, ties by ascending index.
 
     numpy's vectorised sort of one uint64 key per entry (the probability's bits, reversed, then
-    the index): unique keys, so the order does not depend on the sort's algorithm or the CPU's
-    instruction set; ~5x faster than torch's topk or sort on a CPU (0.4 against 2 ms at
-    504 x 128), time a CPU engine spends on every step. probs >= 0, whose float32 bits order as
-    the values do.
+    the index, the C++ loop's key): unique keys, so the order does not depend on the sort's
+    algorithm or the CPU's instruction set, and ~5x faster than torch's topk or sort on a CPU.
+    probs >= 0, whose float32 bits order as the values do.
     """
     p = probs.float().contiguous().numpy()
     bits = p.view(np.uint32).astype(np.uint64)

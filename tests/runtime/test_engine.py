@@ -279,8 +279,11 @@ def test_top_k_and_top_p_keep_the_right_tokens():
         return reference_filtered_probs(lp, torch.tensor(top_p), torch.tensor(top_k))
 
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    probs = cut(logprobs, [1.0, 0.8], [2, 0])
+    probs = cut(logprobs, [1.0, 0.7], [2, 0])
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
+    # a mass before a token exactly equal to top_p cuts it (binary fractions: every sum exact)
+    exact = cut(torch.log(torch.tensor([[0.0625, 0.1875, 0.25, 0.5]])), [0.75], [0])
+    torch.testing.assert_close(exact, torch.tensor([[0, 0, 1 / 3, 2 / 3]]))
     # top-k first, renormalise, then top-p: [.4 .3 .2 .1] -> top 2 = [.571 .429] -> p=0.5 keeps one
     both = cut(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])), [0.5], [2])
     torch.testing.assert_close(both, torch.tensor([[1.0, 0, 0, 0]]))

@@ -1,7 +1,12 @@
-"""The batched counter-based sampler: uniforms, greedy, distributions, fallback, batch independence."""
+"""The batched counter-based sampler: uniforms, greedy, distributions, fallback, batch independence.
+
+These tests run the torch path (what CUDA runs); the C++ row loop that a CPU runs by default is
+checked against it bit for bit in test_cpp_sampler.py.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import numpy as np
@@ -9,13 +14,15 @@ import pytest
 import torch
 
 from engine.runtime import sampler
-from engine.runtime.sampler import SamplingBatch, counter_uniforms, reference_filtered_probs, sample
+from engine.runtime.sampler import SamplingBatch, counter_uniforms, reference_filtered_probs
+
+sample = functools.partial(sampler.sample, backend="torch")
 
 TINY = 2.0 ** -24
 
 
-def batch(temperature, top_p, top_k, uniform, want_logprobs=False) -> SamplingBatch:
-    return SamplingBatch.build(temperature, top_p, top_k, uniform, want_logprobs=want_logprobs)
+def batch(temperature, top_p, top_k, uniform, want_logprobs=False, vocab_size=None) -> SamplingBatch:
+    return SamplingBatch.build(temperature, top_p, top_k, uniform, want_logprobs=want_logprobs, vocab_size=vocab_size)
 
 
 def repeated(row: torch.Tensor, n: int, temperature: float, top_p: float, top_k: int, uniform):
@@ -312,9 +319,10 @@ def test_a_rows_token_and_logprob_do_not_depend_on_the_batch(spy):
 # ---------------------------------------------------------------------------- the rest
 
 def test_reference_filtered_probs_keeps_the_right_tokens():
-    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    probs = reference_filtered_probs(logprobs, torch.tensor([1.0, 0.8]), torch.tensor([2, 0]))
-    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 0.375, 0.625]]))
+    logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.0625, 0.1875, 0.25, 0.5]]))
+    probs = reference_filtered_probs(logprobs, torch.tensor([1.0, 0.75]), torch.tensor([2, 0]))
+    # (binary fractions, exact in every sum: the token whose mass before it is exactly top_p is cut)
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 1 / 3, 2 / 3]]))
     # top-k first, renormalise, then top-p: [.4 .3 .2 .1] -> top 2 = [.571 .429] -> p=0.5 keeps one
     both = reference_filtered_probs(torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])), torch.tensor([0.5]),
                                     torch.tensor([2]))
@@ -347,10 +355,25 @@ def test_non_finite_logits_of_a_sampled_row_raise():
 def test_skipping_the_full_vocabulary_cdf_when_every_row_has_a_cut_changes_no_token():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(64, 300, generator=g) * 3
-    b = batch([0.7] * 64, [0.9] * 32 + [1.0] * 32, [0] * 32 + [20] * 32, stratified(64))
+    b = batch([0.7] * 64, [0.9] * 32 + [1.0] * 32, [0] * 32 + [20] * 32, stratified(64), vocab_size=300)
     assert b.any_cut and not b.any_uncut  # every row cuts: the unsorted CDF is skipped
     forced = dataclasses.replace(b, any_uncut=True)  # what a batch with an uncut neighbour computes
     assert sample(logits, b, candidates=64) == sample(logits, forced, candidates=64)
+
+
+def test_without_the_vocabulary_size_a_top_k_row_takes_both_paths():
+    """A row with top_p 1 and a top_k that may reach past the vocabulary must not lose its path:
+    built without vocab_size, the batch computes both, and each row takes its own."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 30, generator=g) * 2
+    u = counter_uniforms(np.arange(4) + 7, np.arange(4))
+    unknown = batch([1.0] * 4, [1.0] * 4, [30, 45, 5, 0], u)
+    known = batch([1.0] * 4, [1.0] * 4, [30, 45, 5, 0], u, vocab_size=30)
+    assert unknown.any_cut and unknown.any_uncut and known.any_cut and known.any_uncut
+    assert sample(logits, unknown) == sample(logits, known)
+    only_k = batch([1.0] * 2, [1.0] * 2, [30, 45], u[:2])  # may cut: both paths; with V = 30 none cuts
+    assert only_k.any_cut and only_k.any_uncut
+    assert sample(logits[:2], only_k) == sample(logits[:2], batch([1.0] * 2, [1.0] * 2, [0, 0], u[:2]))
 
 
 def test_host_flags_count_a_top_k_past_the_vocabulary_as_no_cut():
