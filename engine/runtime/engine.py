@@ -327,7 +327,8 @@ class Engine:
         t1 = time.perf_counter()
         finished = self._postprocess(step.samplers, out.tokens, out.logprobs)
         t2 = time.perf_counter()
-        self.step_times.add(step.t_schedule, step.t_prepare, out.t_forward, out.t_sample, t2 - t1, wait=t1 - t0)
+        self.step_times.add(step.t_schedule, step.t_prepare, out.t_forward, out.t_sample, t2 - t1, wait=t1 - t0,
+                            done=t2)
         return finished
 
     def _execute(self, sched: Scheduled, host: StepBatch, arrays: dict[str, np.ndarray], flags: dict | None,

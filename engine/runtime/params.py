@@ -174,9 +174,11 @@ class StepTimes:
     sample: float = 0.0       # LM head, sampling and the transfer of the tokens
     postprocess: float = 0.0  # appending tokens, EOS / stop-string / length checks, finishing
     wait: float = 0.0         # the host waiting for a step's tokens (overlap: for the worker thread)
+    first_done: float | None = None  # time.perf_counter() when the first step since reset was postprocessed
+    last_done: float | None = None   # ... and the last one
 
     def add(self, schedule: float, prepare: float, forward: float, sample: float, postprocess: float,
-            wait: float = 0.0) -> None:
+            wait: float = 0.0, done: float | None = None) -> None:
         self.steps += 1
         self.schedule += schedule
         self.prepare += prepare
@@ -184,10 +186,21 @@ class StepTimes:
         self.sample += sample
         self.postprocess += postprocess
         self.wait += wait
+        if done is not None:
+            self.first_done = done if self.first_done is None else self.first_done
+            self.last_done = done
+
+    def steady_step_s(self) -> float | None:
+        """Seconds per step from the first step's end to the last's: the pace of the steps after the
+        first (a generate call's admission and prefill), without the call's set-up and teardown."""
+        if self.steps < 2 or self.first_done is None:
+            return None
+        return (self.last_done - self.first_done) / (self.steps - 1)
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:
-            setattr(self, f, type(getattr(self, f))(0))
+            setattr(self, f, None if f in ("first_done", "last_done") else type(getattr(self, f))(0))
 
     def as_dict(self) -> dict[str, float]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """The step count and each phase's seconds."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("first_done", "last_done")}
