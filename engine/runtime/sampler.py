@@ -28,8 +28,9 @@ descending sort and a second transfer.
 Two implementations, one definition. On a CPU the default is a C++ row loop (`engine._C.sample_rows`,
 csrc/sampler.h): torch still computes logits / T, log_softmax and exp (three vectorised passes),
 and the loop does the rest per row with a partial sort of just the tokens a cut can keep, in one
-call that releases the GIL: about 5x faster than the ~40 tensor operations above at 504 x 128,
-which matters where the sampler's time is the host's (a CPU engine, the overlap worker). Its
+call that releases the GIL: 2-6x faster than the ~40 tensor operations above at 504 x 128 with a
+cut (1.5x without), which matters where the sampler's time is the host's (a CPU engine, the
+overlap worker; `python -m bench.sampler`). Its
 tokens and log-probs are the torch path's bit for bit on a CPU (tests/runtime/test_cpp_sampler.py),
 because every sum over a row is a float64 running sum in a stated order (vocabulary order for a
 row's total, descending probability for a cut), which is what torch's CPU cumsum computes. On
