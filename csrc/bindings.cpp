@@ -41,6 +41,9 @@ py::tuple sample_rows(const py::object& logits, const py::object& probs, const p
                       const py::object& greedy) {
   const py::object& any = !probs.is_none() ? probs : logits;
   if (any.is_none()) throw py::value_error("sample_rows needs probs, or logits when every row is greedy");
+  if (!py::isinstance<py::array>(any)) {
+    throw py::value_error(std::string(!probs.is_none() ? "probs" : "logits") + " must be a numpy array");
+  }
   auto shape = py::reinterpret_borrow<py::array>(any);
   if (shape.ndim() != 2) throw py::value_error("logits / probs must be 2-d [rows, vocab]");
   const int64_t B = shape.shape(0), V = shape.shape(1);

@@ -85,7 +85,7 @@ int64_t sample_cut_row(const float* p, int64_t vocab, int64_t k, float top_p, do
     s.mass[j & 1][e] += pj;
     s.count[j & 1][e] += 1;
   }
-  if (!std::isfinite(total)) return -1;
+  if (!(std::isfinite(total) && total > 0)) return -1;  // NaN probs (non-finite logits), or no mass at all
   const double limit = static_cast<double>(top_p);
   int lowest = kBuckets - 1;
   double mass = 0.0;
@@ -93,8 +93,9 @@ int64_t sample_cut_row(const float* p, int64_t vocab, int64_t k, float top_p, do
   for (; lowest > 0; --lowest) {
     mass += s.mass[0][lowest] + s.mass[1][lowest];
     count += s.count[0][lowest] + s.count[1][lowest];
-    // enough tokens for the top-k cut, and (without one) enough mass for top-p, with a margin
-    // far above the rounding of either order's sum
+    // enough tokens for the top-k cut, and (without one) enough mass for top-p. The margin, far
+    // above the rounding of either order's sum, only keeps the re-collect below rare; that
+    // fallback is what makes the result exact.
     if (count >= k || (k == vocab && mass >= (limit + 1e-6) * total)) break;
   }
   uint64_t* keys = s.keys.data();
@@ -149,8 +150,8 @@ void sample_rows(const SampleRowsArgs& a) {
       } else {
         double total = 0.0;
         for (int64_t j = 0; j < V; ++j) total += static_cast<double>(p[j]);
-        // NaN probs (the logits were not finite) reach no target: -1
-        token = std::isfinite(total) ? first_reaching(p, V, a.uniform[r] * total) : -1;
+        // NaN probs (the logits were not finite), or no mass at all: -1
+        token = std::isfinite(total) && total > 0 ? first_reaching(p, V, a.uniform[r] * total) : -1;
       }
     }
     a.tokens[r] = token;

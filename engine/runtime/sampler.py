@@ -132,7 +132,7 @@ def host_flags(greedy: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
     """
     sampled = ~greedy
     if vocab_size is None:
-        may_cut, may_uncut = (top_p < 1) | (top_k > 0), top_p >= 1
+        may_cut, may_uncut = (top_p < 1) | (top_k > 0), ~(top_p < 1)
     else:
         may_cut = (top_p < 1) | ((top_k > 0) & (top_k < vocab_size))
         may_uncut = ~may_cut
@@ -160,7 +160,7 @@ def sample(
     ids_out: a list that receives the tokens as an int64 tensor on the logits' device (the
     engine's next step reads its input ids from it on the device).
     backend: "cpp" (the C++ row loop; CPU logits only), "torch", or "auto": cpp on a CPU, torch
-    elsewhere; with "auto" the ENGINE_SAMPLER environment variable (torch or cpp) decides.
+    elsewhere; with "auto" the ENGINE_SAMPLER environment variable (torch or cpp) picks the CPU's.
     `candidates` is the torch path's (the C++ loop sorts what it needs).
     """
     if candidates < 1:
@@ -198,7 +198,7 @@ def sample(
         k, cut = _effective_top_k(batch.top_k, top_p, V)
         c = min(candidates, V)
         if probs.device.type == "cpu":  # ties by ascending id, as the full sort and the C++ loop order them
-            cand_i = _sort_descending_cpu(probs)[:, :c]
+            cand_i = _sort_descending_cpu(probs) if c == V else _top_candidates_cpu(probs, c)
             cand_p = probs.gather(1, cand_i)
         else:
             cand_p, cand_i = torch.topk(probs, c, dim=-1, largest=True, sorted=True)
@@ -295,7 +295,8 @@ def _cut_sorted(
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
     """float64 [R]: each row's sum; on a CPU the sequential running sum in column order (torch's
-    CPU cumsum, which the C++ row loop repeats exactly), elsewhere a reduction."""
+    CPU cumsum is a plain loop, which the C++ row loop repeats exactly: test_cpp_sampler.py would
+    catch a torch that changed it), elsewhere a reduction."""
     x = x.double()
     return x.cumsum(-1)[:, -1] if x.device.type == "cpu" else x.sum(-1)
 
@@ -366,6 +367,8 @@ def _sample_cpp(
     """
     logits32 = logits.float().contiguous()  # (no copy for the engine's fp32 logits)
     greedy = None if batch.greedy is None else batch.greedy.bool().contiguous().numpy()
+    if batch.all_greedy and greedy is None:  # (a batch built by hand may leave the mask out)
+        greedy = np.ones(logits.shape[0], dtype=bool)
     probs = logprobs = None
     if batch.all_greedy:
         if batch.want_logprobs:
@@ -395,9 +398,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in SAMPLER_BACKENDS:
         raise ValueError(f"backend must be one of {SAMPLER_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("ENGINE_SAMPLER", "") or ("cpp" if device.type == "cpu" else "torch")
-        if backend not in ("torch", "cpp"):
-            raise ValueError(f"ENGINE_SAMPLER must be torch or cpp, got {backend!r}")
+        env = os.environ.get("ENGINE_SAMPLER", "")
+        if env not in ("", "torch", "cpp"):
+            raise ValueError(f"ENGINE_SAMPLER must be torch or cpp, got {env!r}")
+        backend = (env or "cpp") if device.type == "cpu" else "torch"  # (the variable picks the CPU's path)
     if backend == "cpp" and device.type != "cpu":
         raise ValueError(f"the cpp sampler reads CPU logits; these are on {device} (use backend='torch')")
     return backend
@@ -416,6 +420,19 @@ def _sort_descending_cpu(probs: torch.Tensor) -> torch.Tensor:
     key = ((np.uint64(0xFFFFFFFF) - bits) << np.uint64(32)) | np.arange(p.shape[-1], dtype=np.uint64)
     key.sort(axis=-1)
     return torch.from_numpy((key & np.uint64(0xFFFFFFFF)).astype(np.int64))
+
+
+def _top_candidates_cpu(probs: torch.Tensor, c: int) -> torch.Tensor:
+    """int64 [R, c]: each row's c most likely indices in order, ties by ascending index.
+
+    torch.topk over one unique int64 key per entry (the probability's float32 bits, then the
+    reversed index), so ties come out the same way as `_sort_descending_cpu` and the C++ loop
+    whatever topk's algorithm. probs >= 0.
+    """
+    bits = probs.float().contiguous().view(torch.int32).long()
+    V = probs.shape[-1]
+    key = (bits << 32) | (0xFFFFFFFF - torch.arange(V, device=probs.device))
+    return key.topk(c, dim=-1, largest=True, sorted=True).indices
 
 
 def _pack(token: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:

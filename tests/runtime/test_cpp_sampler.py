@@ -119,6 +119,22 @@ def test_a_batch_built_by_hand_with_top_p_zero_is_refused_not_read_past():
             sample(logits, b, backend=backend)
 
 
+def test_a_hand_built_all_greedy_batch_without_a_mask():
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(13))
+    b = SamplingBatch(temperature=torch.ones(3), top_p=torch.ones(3), top_k=torch.zeros(3, dtype=torch.long),
+                      uniform=torch.full((3,), 0.5, dtype=torch.float64), greedy=None, all_greedy=True,
+                      any_cut=False, want_logprobs=True)
+    assert sample(logits, b, backend="cpp") == sample(logits, b, backend="torch")
+    assert sample(logits, b, backend="cpp")[0] == logits.argmax(-1).tolist()
+
+
+def test_a_nan_top_p_row_built_without_the_vocabulary_still_samples_the_same_way():
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(14))
+    b = SamplingBatch.build([1.0, 1.0], [float("nan"), 1.0], [0, 0], counter_uniforms(np.arange(2), np.arange(2)))
+    assert b.any_uncut  # NaN is not < 1: the row takes the uncut path, as with the vocabulary known
+    assert sample(logits, b, backend="cpp") == sample(logits, b, backend="torch")
+
+
 def test_ids_out_input_untouched_half_precision_and_empty():
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(12))
     before = logits.clone()
@@ -150,6 +166,16 @@ def test_sample_rows_reads_arrays_in_place_or_says_which_is_wrong():
         _C.sample_rows(np.zeros((B, V), np.float32), None, None, top_p, top_k, u, np.array([True, False, True]))
     greedy_only, _ = _C.sample_rows(np.eye(B, V, dtype=np.float32), None, None, top_p, top_k, u, np.ones(B, bool))
     assert greedy_only.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="probs must be a numpy array"):
+        _C.sample_rows(None, 2, None, top_p, top_k, u, None)
+    with pytest.raises(ValueError, match="probs must be a numpy array"):
+        _C.sample_rows(None, probs.tolist(), None, top_p, top_k, u, None)
+    # a row without any mass (not what exp(log_softmax) gives) is refused, cut or not
+    zero = probs.copy()
+    zero[1] = 0
+    for k in (0, 2):
+        tokens, _ = _C.sample_rows(None, zero, None, top_p, np.full(B, k, np.int64), u, None)
+        assert tokens.tolist()[1] == -1 and tokens[0] >= 0
 
 
 def test_the_backend_is_cpp_on_a_cpu_unless_told(monkeypatch):
@@ -161,6 +187,8 @@ def test_the_backend_is_cpp_on_a_cpu_unless_told(monkeypatch):
     monkeypatch.setenv("ENGINE_SAMPLER", "torch")
     assert sampler._resolve_backend("auto", cpu) == "torch"
     assert sampler._resolve_backend("cpp", cpu) == "cpp"  # an explicit choice wins
+    monkeypatch.setenv("ENGINE_SAMPLER", "cpp")  # picks the CPU's path; other devices keep torch
+    assert sampler._resolve_backend("auto", torch.device("meta")) == "torch"
     monkeypatch.setenv("ENGINE_SAMPLER", "fast")
     with pytest.raises(ValueError, match="ENGINE_SAMPLER must be torch or cpp, got 'fast'"):
         sampler._resolve_backend("auto", cpu)
