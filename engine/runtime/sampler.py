@@ -28,7 +28,7 @@ descending sort and a second transfer.
 Two implementations, one definition. On a CPU the default is a C++ row loop (`engine._C.sample_rows`,
 csrc/sampler.h): torch still computes logits / T, log_softmax and exp (three vectorised passes),
 and the loop does the rest per row with a partial sort of just the tokens a cut can keep, in one
-call that releases the GIL: 2-6x faster than the ~40 tensor operations above at 504 x 128 with a
+call that releases the GIL: 2-9x faster than the ~40 tensor operations above at 504 x 128 with a
 cut (1.5x without), which matters where the sampler's time is the host's (a CPU engine, the
 overlap worker; `python -m bench.sampler`). Its
 tokens and log-probs are the torch path's bit for bit on a CPU (tests/runtime/test_cpp_sampler.py),
