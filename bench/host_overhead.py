@@ -63,12 +63,12 @@ OVERLAP_POINTS = (("D=0", 0.0, "overlap/serial", 1.10), ("D=host", 1.0, "overlap
                   ("D=3xhost", 3.0, "overlap/D", 1.15))
 
 
-def stub_body(model: Transformer, device_ms: float = 0.0) -> dict[str, float]:
+def stub_body(model: Transformer, device_ms: float = 0.0) -> None:
     """Replace the backbone's forward by zeros of the right shape (the LM head stays real);
     device_ms > 0 sleeps that long inside it, a simulated device that releases the GIL.
 
-    Returns the sleeps' running totals ({"seconds", "calls"}): a sleep overshoots its request (by
-    about 0.1 ms here), and the simulated device's time is what it really slept."""
+    model.stub_slept holds the sleeps' running totals ({"seconds", "calls"}): a sleep overshoots
+    its request (by about 0.1 ms here), and the simulated device's time is what it really slept."""
     body = model.model
     hidden = model.config.hidden_size
     weight = model.lm_head_weight
@@ -84,7 +84,12 @@ def stub_body(model: Transformer, device_ms: float = 0.0) -> dict[str, float]:
 
     body.forward = zeros
     model.stub_slept = slept  # (run_once reads each run's own share)
-    return slept
+
+
+def pace(run: dict) -> float:
+    """A run's ms per step: its steady pace, or the whole call's when it was too short to have one."""
+    steady = run.get("steady_ms_per_step")
+    return steady if steady is not None else run["host_ms_per_step"]
 
 
 def free_sampling() -> None:
@@ -234,10 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
         free_sampling()
     model, tok = build(args)
 
-    def best(name: str, overlap: bool = False, key: str = "host_ms_per_step") -> dict:
-        """The fastest of --repeats runs by `key` (by the whole call when a run is too short for a steady pace)."""
-        runs = [run_once(name, model, tok, args, overlap) for _ in range(args.repeats)]
-        return min(runs, key=lambda r: r[key] if r.get(key) is not None else r["host_ms_per_step"])
+    def best(name: str, overlap: bool = False, by=lambda r: r["host_ms_per_step"]) -> dict:
+        """The fastest of --repeats runs, by the whole call's ms per step unless told otherwise."""
+        return min((run_once(name, model, tok, args, overlap) for _ in range(args.repeats)), key=by)
 
     if args.overlap:
         return overlap_report(args, names, model, best)
@@ -301,20 +305,19 @@ def overlap_report(args, names: list[str], model, best) -> dict:
             continue
         # CPU: the steady pace (ms per step after the first: `StepTimes.steady_step_s`) is what the targets
         # check; the whole call's ms per step (its set-up, first step and teardown included) is shown beside it.
-        steady = "steady_ms_per_step"
         stub_body(model)
-        base = best(name, False, steady)
-        host = base[steady] or base["host_ms_per_step"]
+        base = best(name, False, pace)
+        host = pace(base)
         # The worker's own compute (the LM head, the sampler, the step's tensors): device time on a
         # GPU, but CPU time here, so a step cannot beat max(host - worker, D + worker).
         worker = base["phases_ms_per_step"]["forward"] + base["phases_ms_per_step"]["sample"]
         for point, times, check, limit in OVERLAP_POINTS:
             d = times * host
             stub_body(model, d)
-            serial = best(name, False, steady)
-            overlapped = best(name, True, steady)
+            serial = best(name, False, pace)
+            overlapped = best(name, True, pace)
             d_slept = overlapped.get("device_slept_ms", 0.0)  # the simulated device's ms per step, in that very run
-            s, o = serial[steady] or serial["host_ms_per_step"], overlapped[steady] or overlapped["host_ms_per_step"]
+            s, o = pace(serial), pace(overlapped)
             s_call, o_call = serial["host_ms_per_step"], overlapped["host_ms_per_step"]
             value = o / s if check == "overlap/serial" else o / d_slept
             call_value = o_call / s_call if check == "overlap/serial" else o_call / d_slept

@@ -59,7 +59,7 @@ from engine.rl.packed import Packed, chunks
 from engine.rl.rollout import Episode, sample_episodes
 from engine.runtime import Engine, SamplingParams
 from engine.runtime.params import mix_seed
-from engine.tasks import Item, Task, TaskDataError, load_task
+from engine.tasks import ChatTemplateError, Item, Task, TaskDataError, load_task
 
 __all__ = ["Trainer", "TrainingDiverged", "resolve_device"]
 
@@ -97,10 +97,11 @@ class Trainer:
         if self.task.chat:  # checked before the run directory is touched
             from engine.model.checkpoint import load_tokenizer
 
-            tok = load_tokenizer(cfg.model) if cfg.model is not None else None
-            if not getattr(tok, "chat_template", None):
+            try:  # the task's own check (the tokenizer is set again once the model is loaded)
+                self.task.use_tokenizer(load_tokenizer(cfg.model) if cfg.model is not None else None)
+            except ChatTemplateError:
                 raise ConfigError(f"task_args chat: true needs a tokenizer with a chat template; "
-                                  f"{cfg.model or 'the built-in tiny model'} has none")
+                                  f"{cfg.model or 'the built-in tiny model'} has none") from None
         self.stop = STOP_STRINGS.get(cfg.task, ())
         # may carve a validation split off the train items
         self.eval_sets, self.train_items = evaluation.eval_sets(cfg, self.task, self.task.items("train"))

@@ -199,8 +199,11 @@ class StepTimes:
 
     def reset(self) -> None:
         for f in self.__dataclass_fields__:
-            setattr(self, f, None if f in ("first_done", "last_done") else type(getattr(self, f))(0))
+            setattr(self, f, None if f in _STAMPS else type(getattr(self, f))(0))
 
     def as_dict(self) -> dict[str, float]:
         """The step count and each phase's seconds."""
-        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in ("first_done", "last_done")}
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f not in _STAMPS}
+
+
+_STAMPS = ("first_done", "last_done")  # StepTimes' timestamps, not sums

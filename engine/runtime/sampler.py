@@ -351,9 +351,7 @@ def _redo_full_sort(
     tokens, lps = _unpack(_to_host(_pack(token, chosen)), batch.want_logprobs)
     failed = rows[tokens < 0]
     if failed.size:
-        raise ValueError(
-            f"cannot sample rows {failed.tolist()}: their logits are not finite (NaN, +inf or all -inf)"
-        )
+        raise _not_finite(failed)
     return tokens, lps
 
 
@@ -385,12 +383,15 @@ def _sample_cpp(
     )
     failed = np.flatnonzero(tokens < 0)
     if failed.size:
-        raise ValueError(
-            f"cannot sample rows {failed.tolist()}: their logits are not finite (NaN, +inf or all -inf)"
-        )
+        raise _not_finite(failed)
     if ids_out is not None:
         ids_out.append(torch.from_numpy(tokens))
     return _as_lists(tokens, chosen)
+
+
+def _not_finite(rows: np.ndarray) -> ValueError:
+    """The error for sampled rows that could not be drawn (both paths raise the same one)."""
+    return ValueError(f"cannot sample rows {rows.tolist()}: their logits are not finite (NaN, +inf or all -inf)")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
